@@ -1,0 +1,138 @@
+"""Command line: ``python -m toolkit {train,evaluate,bench}`` (also ``whisper-toolkit``).
+
+Every command runs alone or under ``accelerate launch``; the launch decides the world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from toolkit.config import ConfigError, DataConfig, EvaluationConfig, ModelConfig, load_config
+
+logger = logging.getLogger("toolkit")
+
+EXIT_CONFIG = 2
+EXIT_DATA = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="whisper-toolkit", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune a Whisper checkpoint (resumes automatically)")
+    train.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    train.add_argument("overrides", nargs="*", help="dotted recipe overrides: training.learning_rate=3e-5")
+
+    ev = sub.add_parser("evaluate", help="WER/CER of a model on a data set; prints one JSON line")
+    ev.add_argument("--model", required=True, help="model directory or Hub id")
+    ev.add_argument("--data", required=True, help="audiofolder directory, .csv/.jsonl manifest or Hub dataset id")
+    ev.add_argument("--split", default="test", help="split expression for Hub data or split sub-directories")
+    ev.add_argument("--hub-config", default=None, help="Hub dataset configuration name")
+    ev.add_argument("--text-column", default="sentence")
+    ev.add_argument("--audio-column", default=None)
+    ev.add_argument("--language", default=None, help="Whisper language (required for multilingual checkpoints)")
+    ev.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=225)
+    ev.add_argument("--num-beams", type=int, default=1)
+    ev.add_argument("--max-samples", type=int, default=None)
+    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    ev.add_argument("--cache-dir", default=None)
+    ev.add_argument("--num-workers", type=int, default=1)
+    ev.add_argument("--predictions", default=None, help="also write id/reference/prediction JSON lines here")
+
+    bench = sub.add_parser("bench", help="measurements behind design choices")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    feats = bench_sub.add_parser("features", help="cached log-mel features vs features computed per batch")
+    feats.add_argument("--data", required=True, help="an audiofolder or manifest")
+    feats.add_argument("--model", required=True, help="a Whisper directory (for its feature extractor)")
+    feats.add_argument("--samples", type=int, default=256)
+    feats.add_argument("--batch-size", type=int, default=16)
+    feats.add_argument("--workdir", default=None, help="where to write the feature store (default: a temp dir)")
+    return parser
+
+
+def setup_logging(verbose: bool) -> None:
+    from toolkit.distributed import is_main_process_env
+
+    main = is_main_process_env()
+    logging.basicConfig(
+        level=logging.INFO if main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        import datasets
+        import transformers
+
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
+        transformers.logging.set_verbosity_error()
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from toolkit.data.sources import DataError
+    from toolkit.modeling import ModelLoadError
+
+    try:
+        if args.command == "train":
+            config = load_config(args.config, args.overrides)
+            setup_logging(args.verbose)
+            from toolkit.training.loop import EXIT_PREEMPTED, Preempted, train
+
+            try:
+                train(config)
+            except Preempted as exc:
+                print(str(exc), file=sys.stderr)
+                return EXIT_PREEMPTED
+        elif args.command == "evaluate":
+            setup_logging(args.verbose)
+            return _evaluate(args)
+        elif args.command == "bench":
+            setup_logging(args.verbose)
+            from toolkit import bench
+
+            print(json.dumps(bench.run_features(args.data, args.model, args.samples, args.batch_size, args.workdir)))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (DataError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DATA
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from toolkit.distributed import init_state
+    from toolkit.evaluation.run import run_evaluate
+
+    model_cfg = ModelConfig(name_or_path=args.model, language=args.language, task=args.task)
+    data_cfg = DataConfig(
+        eval=args.data, eval_split=args.split, hub_config=args.hub_config, text_column=args.text_column,
+        audio_column=args.audio_column, max_eval_samples=args.max_samples, cache_dir=args.cache_dir,
+        num_workers=args.num_workers,
+    )
+    eval_cfg = EvaluationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    for section in (model_cfg, data_cfg, eval_cfg):
+        section.validate()
+    state = init_state()
+    metrics = run_evaluate(model_cfg, data_cfg, eval_cfg, dtype=args.dtype, predictions_path=args.predictions)
+    if state.is_main_process:
+        print(json.dumps(metrics), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

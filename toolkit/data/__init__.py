@@ -1,0 +1,1 @@
+"""Data: sources (directory, manifest, Hub), audio decoding, cached preprocessing, datasets and the collator."""

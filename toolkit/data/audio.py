@@ -1,0 +1,49 @@
+"""Audio decoding: soundfile to read, a channel mean to downmix, soxr to resample to 16 kHz.
+
+No torchcodec: its wheels need CUDA libraries, and soundfile covers WAV/FLAC/OGG/MP3.
+Every failure becomes an :class:`AudioError` with a short, loggable reason.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLING_RATE = 16_000
+
+
+class AudioError(Exception):
+    """This one sample cannot be used; ``reason`` says why (goes into skipped.jsonl)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_audio(audio: str | bytes | None, target_sr: int = SAMPLING_RATE) -> np.ndarray:
+    """Decode a path or encoded bytes into mono float32 at ``target_sr``."""
+    if audio is None or (isinstance(audio, (bytes, str)) and len(audio) == 0):
+        raise AudioError("no audio")
+    source = io.BytesIO(audio) if isinstance(audio, bytes) else audio
+    try:
+        samples, sr = sf.read(source, dtype="float32", always_2d=True)
+    except FileNotFoundError:
+        raise AudioError("missing file") from None
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(audio, str) and "No such file" in message:
+            raise AudioError("missing file") from None
+        raise AudioError(f"unreadable or corrupt audio: {message}") from None
+    except OSError as exc:
+        raise AudioError(f"unreadable file: {exc.strerror or exc}") from None
+    if samples.shape[0] == 0:
+        raise AudioError("empty audio (0 samples)")
+    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    if not np.isfinite(mono).all():
+        raise AudioError("NaN or Inf in audio")
+    if sr != target_sr:
+        mono = soxr.resample(mono, sr, target_sr, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)

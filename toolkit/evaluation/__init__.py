@@ -1,0 +1,1 @@
+"""Evaluation: text normalisation, exact corpus error counts, and sharded batched generation."""

@@ -1,0 +1,60 @@
+"""The ``evaluate`` command: load a model directory and a data spec, print one JSON line of metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+
+from toolkit.config import DataConfig, EvaluationConfig, ModelConfig
+from toolkit.data.collator import WhisperCollator
+from toolkit.data.pipeline import load_split
+from toolkit.evaluation.generate import EvalResult, evaluate_model
+from toolkit.evaluation.normalize import make_normalizer
+from toolkit.modeling import load_model
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def run_evaluate(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    eval_cfg: EvaluationConfig,
+    *,
+    dtype: str = "auto",
+    predictions_path: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate on ``data.eval`` across all launched processes; every rank returns the same metrics."""
+    state = PartialState()
+    loaded = load_model(model_cfg, dtype=resolve_dtype(dtype, state.device))
+    model = loaded.model.to(state.device)
+    tokenizer = loaded.processor.tokenizer
+    split = load_split("eval", data_cfg, tokenizer=None)
+    collator = WhisperCollator(loaded.processor.feature_extractor, model.config.decoder_start_token_id)
+    result: EvalResult = evaluate_model(
+        model, split.dataset, collator, tokenizer, make_normalizer(loaded.english, tokenizer),
+        batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
+        num_workers=data_cfg.num_workers, collect_predictions=predictions_path is not None,
+    )
+    metrics = {**result.metrics, "skipped": len(split.skips), "world_size": state.num_processes}
+    if predictions_path and state.is_main_process:
+        path = Path(predictions_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as handle:
+            for row in result.predictions:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return metrics

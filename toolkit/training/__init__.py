@@ -1,0 +1,1 @@
+"""Training: batch arithmetic, optimizer/schedule, checkpoints, metrics and the explicit accelerate loop."""

@@ -1,0 +1,117 @@
+"""Batch arithmetic and the step-addressed sample order.
+
+The global batch is the invariant: ``global = micro x accumulation x world``. Accumulation and
+the per-rank share are derived here and nowhere else.
+
+Sample order is a pure function of (seed, step): the data stream is the concatenation of one
+seeded permutation per epoch, and optimizer step ``s`` consumes stream positions
+``[s*G, (s+1)*G)``. Rank ``r`` takes its contiguous share of those G samples and cuts it into
+micro-batches. So resuming at step ``s`` needs no saved dataloader state, and changing the
+micro-batch (the OOM back-off) regroups the very same samples of each step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from toolkit.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch_size: int
+    micro_batch_size: int
+    world_size: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch_size // self.world_size
+
+    @property
+    def accumulation(self) -> int:
+        return self.per_rank // self.micro_batch_size
+
+    @classmethod
+    def create(cls, global_batch_size: int, micro_batch_size: int, world_size: int) -> BatchPlan:
+        """Check that the global batch splits evenly; lower the micro-batch to a divisor if needed."""
+        if global_batch_size % world_size:
+            raise ConfigError(
+                f"training.global_batch_size={global_batch_size} cannot be split evenly over {world_size} processes; "
+                f"use a multiple of {world_size}"
+            )
+        per_rank = global_batch_size // world_size
+        micro = min(micro_batch_size, per_rank)
+        while per_rank % micro:
+            micro -= 1
+        if micro != micro_batch_size:
+            logger.info(
+                "training.micro_batch_size=%d does not divide the %d samples per process; using %d",
+                micro_batch_size, per_rank, micro,
+            )
+        return cls(global_batch_size, micro, world_size)
+
+    def describe(self) -> str:
+        return (
+            f"global batch {self.global_batch_size} = micro-batch {self.micro_batch_size} "
+            f"x accumulation {self.accumulation} x {self.world_size} process(es)"
+        )
+
+
+class StepSampler:
+    """Which samples each optimizer step uses, on every rank."""
+
+    def __init__(self, num_samples: int, plan: BatchPlan, seed: int, rank: int):
+        if num_samples <= 0:
+            raise ValueError("no training samples")
+        self.num_samples = num_samples
+        self.plan = plan
+        self.seed = seed
+        self.rank = rank
+
+    @lru_cache(maxsize=4)  # noqa: B019 - a handful of epochs per sampler, freed with it
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def step_indices(self, step: int) -> np.ndarray:
+        """All ``global_batch_size`` sample indices of ``step``, in rank order."""
+        g = self.plan.global_batch_size
+        positions = np.arange(step * g, (step + 1) * g)
+        epochs, offsets = np.divmod(positions, self.num_samples)
+        out = np.empty(g, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            out[mask] = self._epoch_order(int(epoch))[offsets[mask]]
+        return out
+
+    def rank_indices(self, step: int) -> np.ndarray:
+        share = self.plan.per_rank
+        return self.step_indices(step)[self.rank * share : (self.rank + 1) * share]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        mine = self.rank_indices(step).tolist()
+        m = self.plan.micro_batch_size
+        return [mine[i : i + m] for i in range(0, len(mine), m)]
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.plan.global_batch_size / self.num_samples
+
+
+class StepBatchSampler:
+    """A DataLoader ``batch_sampler`` that yields this rank's micro-batches for steps ``[start, stop)``."""
+
+    def __init__(self, sampler: StepSampler, start: int, stop: int):
+        self.sampler, self.start, self.stop = sampler, start, stop
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            yield from self.sampler.micro_batches(step)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.sampler.plan.accumulation

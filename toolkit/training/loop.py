@@ -1,0 +1,356 @@
+"""The explicit accelerate training loop.
+
+One optimizer step = this rank's micro-batches of that step (see :mod:`toolkit.training.batching`).
+The loss is the sum of token losses divided by the label tokens of the *whole global step*, so the
+gradient is the same however the step is split into micro-batches and processes: the token-level
+mean of the global batch (Trainer's per-micro-batch mean is not). DDP averages gradients over
+ranks, hence the factor ``world_size``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+from toolkit.config import ConfigError, RunConfig, dump_config
+from toolkit.data.collator import IGNORE_INDEX, Batch, WhisperCollator
+from toolkit.data.pipeline import LoadedSplit, load_split
+from toolkit.distributed import all_reduce_max, process_group_kwargs, use_cpu
+from toolkit.evaluation.generate import evaluate_model
+from toolkit.evaluation.normalize import make_normalizer
+from toolkit.modeling import LoadedModel, load_model, trainable_parameters
+from toolkit.output import export_model, push_to_hub, write_json, write_skipped
+from toolkit.training.batching import BatchPlan, StepBatchSampler, StepSampler
+from toolkit.training.checkpoint import CheckpointManager, TrainState
+from toolkit.training.metrics import MetricsLogger, peak_memory_gib
+from toolkit.training.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; the sbatch script requeues on it
+
+
+class Preempted(Exception):
+    """A stop signal arrived; a checkpoint was saved at ``step``."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by signal; checkpoint saved at step {step}; rerun the same command to resume")
+        self.step = step
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 (Slurm preemption, ``scancel --signal``) until the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+
+def make_accelerator(config: RunConfig) -> Accelerator:
+    precision = config.training.mixed_precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("training.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    return Accelerator(
+        mixed_precision=precision,
+        cpu=use_cpu(),
+        kwargs_handlers=[process_group_kwargs()],
+        project_dir=config.output.dir,
+    )
+
+
+def loss_sum(model: Any, batch: Batch, pad_token_id: int, decoder_start_token_id: int) -> tuple[torch.Tensor, int]:
+    """Summed token cross-entropy of a micro-batch, and its number of label tokens."""
+    assert batch.labels is not None
+    decoder_input_ids = shift_tokens_right(batch.labels, pad_token_id, decoder_start_token_id)
+    logits = model(input_features=batch.input_features, decoder_input_ids=decoder_input_ids).logits
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((batch.labels != IGNORE_INDEX).sum())
+
+
+@dataclass
+class RunData:
+    train: LoadedSplit
+    eval: LoadedSplit | None
+    label_lengths: np.ndarray
+
+
+class TrainingRun:
+    """Everything one ``train`` invocation holds, with the loop split into testable steps."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.accelerator = make_accelerator(config)
+        self.out = Path(config.output.dir)
+        set_seed(config.training.seed)
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.yaml").write_text(dump_config(config))
+        self.loaded: LoadedModel = load_model(config.model, config.training)
+        self.data = self._load_data()
+        self.plan = BatchPlan.create(
+            config.training.global_batch_size, config.training.micro_batch_size, self.accelerator.num_processes
+        )
+        self.collator = WhisperCollator(
+            self.loaded.processor.feature_extractor, self.loaded.model.config.decoder_start_token_id
+        )
+        self.normalize = make_normalizer(self.loaded.english, self.loaded.processor.tokenizer)
+        model = self.loaded.model
+        self.pad_id = model.config.pad_token_id
+        self.start_id = model.config.decoder_start_token_id
+        optimizer = build_optimizer(model, config.training, self.accelerator.device)
+        self.scheduler = build_scheduler(optimizer, config.training)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", config.output.keep_checkpoints, self.accelerator)
+        self.state = TrainState()
+        self.sampler = StepSampler(len(self.data.train.dataset), self.plan, config.training.seed, self.accelerator.process_index)
+        self.baseline: dict[str, Any] | None = None
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _load_data(self) -> RunData:
+        tokenizer = self.loaded.processor.tokenizer
+        train = load_split("train", self.config.data, tokenizer)
+        evaluation = load_split("eval", self.config.data, None) if self.config.data.eval else None
+        if self.accelerator.is_main_process:
+            skips = train.skips + (evaluation.skips if evaluation else [])
+            count = write_skipped(self.out / "skipped.jsonl", skips)
+            if count:
+                logger.info("%d samples left out; see %s", count, self.out / "skipped.jsonl")
+        return RunData(train, evaluation, train.dataset.label_lengths())
+
+    def resume(self) -> None:
+        self.checkpoints.clean_partial()
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return
+        self.accelerator.load_state(str(latest))
+        self.state = TrainState.load(latest)
+        logger.info("resumed from %s at step %d", latest, self.state.step)
+
+    def train_loader(self, start: int) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            self.data.train.dataset,
+            batch_sampler=StepBatchSampler(self.sampler, start, self.config.training.max_steps),
+            collate_fn=self.collator,
+            num_workers=self.config.data.num_workers,
+            persistent_workers=False,
+        )
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def train_step(self, step: int, batches: Any) -> tuple[torch.Tensor, float | None]:
+        """Forward/backward over this rank's micro-batches of ``step``, then one optimizer step.
+
+        Returns this rank's summed token loss and the gradient norm before clipping.
+        """
+        indices = self.sampler.step_indices(step)
+        step_tokens = int(self.data.label_lengths[indices].sum())
+        scale = self.accelerator.num_processes / step_tokens
+        total = torch.zeros((), device=self.accelerator.device)
+        for micro in range(self.plan.accumulation):
+            batch = next(batches).to(self.accelerator.device)
+            last = micro == self.plan.accumulation - 1
+            # Gradients are all-reduced once, on the step's last micro-batch.
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+            with sync:
+                summed, _ = loss_sum(self.model, batch, self.pad_id, self.start_id)
+                self.accelerator.backward(summed * scale)
+            total += summed.detach()
+        grad_norm = None
+        if self.config.training.max_grad_norm is not None:
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.training.max_grad_norm)
+            grad_norm = float(norm) if norm is not None else None
+        self.optimizer.step()
+        if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the lr schedule waits too
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        assert self.data.eval is not None
+        eval_cfg = self.config.evaluation
+        result = evaluate_model(
+            self.accelerator.unwrap_model(self.model), self.data.eval.dataset, self.collator,
+            self.loaded.processor.tokenizer, self.normalize, batch_size=eval_cfg.batch_size,
+            max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
+            num_workers=self.config.data.num_workers, autocast=self.accelerator.autocast,
+        )
+        return result.metrics
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.config.training
+        acc = self.accelerator
+        self.resume()
+        self.state.micro_batch_size = self.plan.micro_batch_size
+        self.state.gradient_accumulation_steps = self.plan.accumulation
+        metrics = MetricsLogger(self.out, acc.is_main_process, resume_step=self.state.step)
+        trainable, total_params = trainable_parameters(self.model)
+        logger.info(
+            "%s | %d training samples | %d steps (%.2f epochs) | %.1fM of %.1fM parameters trainable",
+            self.plan.describe(), len(self.data.train.dataset), cfg.max_steps, self.sampler.epoch_of(cfg.max_steps),
+            trainable / 1e6, total_params / 1e6,
+        )
+        if acc.is_main_process:
+            print(f"effective global batch: {self.plan.describe()}", flush=True)
+        if self.data.eval is not None and self.config.evaluation.at_start and self.state.step == 0:
+            self.baseline = self.evaluate()
+            metrics.log(0, {f"eval/{k}": v for k, v in self.baseline.items()})
+            logger.info("baseline eval: %s", self.baseline)
+
+        start_step = self.state.step
+        window = _Window()
+        train_seconds = 0.0
+        samples_seen = 0
+        audio_seen = 0.0
+        last_eval: dict[str, Any] | None = None
+        progress = tqdm(total=cfg.max_steps, initial=start_step, disable=not acc.is_main_process, desc="train")
+        batches = iter(self.train_loader(start_step))
+        self.model.train()
+        with StopSignal() as stop:
+            for step in range(start_step, cfg.max_steps):
+                tick = time.perf_counter()
+                loss, grad_norm = self.train_step(step, batches)
+                self.state.step = step + 1
+                elapsed = time.perf_counter() - tick
+                indices = self.sampler.step_indices(step)
+                window.add(loss, int(self.data.label_lengths[indices].sum()), len(indices),
+                           float(self.data.train.dataset.durations[indices].sum()), elapsed, grad_norm)
+                train_seconds += elapsed
+                samples_seen += len(indices)
+                audio_seen += float(self.data.train.dataset.durations[indices].sum())
+                progress.update(1)
+                done = self.state.step == cfg.max_steps
+                if self.state.step % cfg.log_every == 0 or done:
+                    values = window.flush(acc)
+                    values.update(lr=self.scheduler.get_last_lr()[0], epoch=round(self.sampler.epoch_of(self.state.step), 4),
+                                  peak_memory_gib=round(peak_memory_gib(acc.device), 3))
+                    metrics.log(self.state.step, values)
+                    progress.set_postfix(loss=f"{values['loss']:.4f}")
+                every = self.config.evaluation.every_steps
+                is_best = False
+                if self.data.eval is not None and every and (self.state.step % every == 0 or done):
+                    last_eval = self.evaluate()
+                    is_best = self.state.record_eval(self.state.step, last_eval)
+                    metrics.log(self.state.step, {f"eval/{k}": v for k, v in last_eval.items()})
+                    logger.info("step %d eval: %s", self.state.step, last_eval)
+                preempt = all_reduce_max(stop.received is not None, acc.device)
+                if is_best or done or preempt or (cfg.save_every and self.state.step % cfg.save_every == 0):
+                    self.checkpoints.save(self.state)
+                if preempt and not done:
+                    progress.close()
+                    metrics.close()
+                    raise Preempted(self.state.step)
+        progress.close()
+        results = self.finish(last_eval, train_seconds, samples_seen, audio_seen)
+        metrics.log(self.state.step, {"final/" + k: v for k, v in (results.get("eval") or {}).items()})
+        metrics.close()
+        return results
+
+    def finish(
+        self, last_eval: dict[str, Any] | None, train_seconds: float, samples_seen: int, audio_seen: float
+    ) -> dict[str, Any]:
+        acc = self.accelerator
+        if self.config.output.final_model == "best" and self.state.best_step not in (None, self.state.step):
+            best = self.checkpoints.path_for(self.state.best_step)  # type: ignore[arg-type]
+            acc.load_state(str(best))
+            logger.info("final model: best checkpoint %s (wer %.3f)", best, self.state.best_metric)
+            last_eval = None
+        if self.data.eval is not None and last_eval is None:
+            last_eval = self.evaluate()
+        results: dict[str, Any] = {
+            "eval": last_eval,
+            "baseline_eval": self.baseline,
+            "best": {"step": self.state.best_step, "wer": self.state.best_metric},
+            "steps": self.state.step,
+            "global_batch_size": self.plan.global_batch_size,
+            "micro_batch_size": self.plan.micro_batch_size,
+            "gradient_accumulation_steps": self.plan.accumulation,
+            "world_size": self.plan.world_size,
+            "backoffs": self.state.backoffs,
+            "train_samples": len(self.data.train.dataset),
+            "train_samples_per_second": round(samples_seen / train_seconds, 4) if train_seconds else None,
+            "train_audio_seconds_per_second": round(audio_seen / train_seconds, 3) if train_seconds else None,
+            "train_runtime_s": round(train_seconds, 2),
+            "skipped": len(self.data.train.skips) + (len(self.data.eval.skips) if self.data.eval else 0),
+            "final_model": self.config.output.final_model,
+        }
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final_dir = self.out / "final"
+            export_model(acc.unwrap_model(self.model), self.loaded.processor, final_dir, self.config, results)
+            if self.config.output.push_to_hub:
+                results["hub_url"] = push_to_hub(final_dir, self.config.output.hub_model_id or "", self.config.output.hub_private)
+            write_json(self.out / "results.json", results)
+            logger.info("results: %s", self.out / "results.json")
+        acc.wait_for_everyone()
+        return results
+
+
+class _Window:
+    """Sums over the steps between two log lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = 0.0
+        self.tokens = self.samples = 0
+        self.audio = self.seconds = 0.0
+        self.grad_norm: float | None = None
+        self.pending: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, tokens: int, samples: int, audio: float, seconds: float, grad_norm: float | None) -> None:
+        self.pending.append(loss)
+        self.tokens += tokens
+        self.samples += samples
+        self.audio += audio
+        self.seconds += seconds
+        self.grad_norm = grad_norm
+
+    def flush(self, accelerator: Accelerator) -> dict[str, Any]:
+        local = torch.stack(self.pending).sum()
+        total = float(accelerator.reduce(local, reduction="sum"))
+        values = {
+            "loss": total / self.tokens,
+            "samples_per_second": round(self.samples / self.seconds, 4),
+            "audio_seconds_per_second": round(self.audio / self.seconds, 3),
+        }
+        if self.grad_norm is not None:
+            values["grad_norm"] = round(self.grad_norm, 5)
+        self.reset()
+        return values
+
+
+def train(config: RunConfig) -> dict[str, Any]:
+    run = TrainingRun(config)
+    return run.run()
