@@ -1,4 +1,4 @@
-"""Command line: ``python -m toolkit {train,evaluate,bench}`` (also ``whisper-toolkit``).
+"""Command line: ``python -m toolkit {train,evaluate,bench,synth}`` (also ``whisper-toolkit``).
 
 Every command runs alone or under ``accelerate launch``; the launch decides the world size.
 """
@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     feats.add_argument("--samples", type=int, default=256)
     feats.add_argument("--batch-size", type=int, default=16)
     feats.add_argument("--workdir", default=None, help="where to write the feature store (default: a temp dir)")
+
+    synth = sub.add_parser("synth", help="synthesise an English audiofolder corpus with espeak-ng (no download)")
+    synth.add_argument("--out", required=True, help="output directory; gets train/ and dev/ audiofolders")
+    synth.add_argument("--train", type=int, default=400, help="number of training utterances")
+    synth.add_argument("--dev", type=int, default=100, help="number of dev utterances")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="espeak-ng processes at once")
+    synth.add_argument("--overwrite", action="store_true", help="replace existing train/ and dev/ splits")
     return parser
 
 
@@ -105,6 +113,18 @@ def main(argv: list[str] | None = None) -> int:
             from toolkit import bench
 
             print(json.dumps(bench.run_features(args.data, args.model, args.samples, args.batch_size, args.workdir)))
+        elif args.command == "synth":
+            from toolkit import synth
+
+            def progress(done: int, total: int) -> None:
+                if done % 100 == 0 or done == total:
+                    print(f"synth: {done}/{total} clips", file=sys.stderr, flush=True)
+
+            summary = synth.synthesize_corpus(
+                args.out, train=args.train, dev=args.dev, seed=args.seed, jobs=args.jobs,
+                overwrite=args.overwrite, progress=progress,
+            )
+            print(json.dumps(summary), flush=True)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

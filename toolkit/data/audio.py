@@ -7,6 +7,7 @@ Every failure becomes an :class:`AudioError` with a short, loggable reason.
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import soundfile as sf
@@ -27,15 +28,14 @@ def decode_audio(audio: str | bytes | None, target_sr: int = SAMPLING_RATE) -> n
     """Decode a path or encoded bytes into mono float32 at ``target_sr``."""
     if audio is None or (isinstance(audio, (bytes, str)) and len(audio) == 0):
         raise AudioError("no audio")
+    if isinstance(audio, str) and not os.path.isfile(audio):
+        # libsndfile reports a missing path as "System error"; say what it is.
+        raise AudioError("missing file")
     source = io.BytesIO(audio) if isinstance(audio, bytes) else audio
     try:
         samples, sr = sf.read(source, dtype="float32", always_2d=True)
-    except FileNotFoundError:
-        raise AudioError("missing file") from None
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if isinstance(audio, str) and "No such file" in message:
-            raise AudioError("missing file") from None
         raise AudioError(f"unreadable or corrupt audio: {message}") from None
     except OSError as exc:
         raise AudioError(f"unreadable file: {exc.strerror or exc}") from None

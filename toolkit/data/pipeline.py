@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from accelerate import PartialState
 
 from toolkit.config import DataConfig
@@ -57,8 +58,13 @@ def load_split(role: str, data_cfg: DataConfig, tokenizer: Any | None) -> Loaded
         num_proc=data_cfg.num_proc, barrier=state.wait_for_everyone, max_items=max_items,
         max_duration_s=data_cfg.max_duration_s,
     )
+    total = min(len(source), max_items or len(source))
+    if len(prepared.dataset) == 0:
+        empty = LoadedSplit(SpeechDataset(prepared.dataset, np.arange(0), None, np.zeros(0)), prepared.skips,
+                            source.description, total)
+        raise DataError(f"data.{role}: no usable samples. {empty.summary()}")
     dataset, label_skips = build_dataset(prepared, tokenizer, max_label_tokens=data_cfg.max_label_tokens, split=role)
-    loaded = LoadedSplit(dataset, prepared.skips + label_skips, source.description, min(len(source), max_items or len(source)))
+    loaded = LoadedSplit(dataset, prepared.skips + label_skips, source.description, total)
     if state.is_main_process:
         logger.info(
             "%s (cache: %d chunks built, %d reused)", loaded.summary(), prepared.chunks_built, prepared.chunks_reused

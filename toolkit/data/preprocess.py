@@ -4,7 +4,7 @@ The source is cut into fixed chunks of ``CHUNK_SIZE`` items. Each chunk's cache 
 fingerprint (path, size, mtime, transcript; or the Hub dataset's fingerprint) and the processing
 settings, so the key does not depend on the number of processes: a rerun, a second job, or a job
 with another world size reuses every unchanged chunk. Missing chunks are split across ranks
-(chunk ``i`` goes to rank ``i % world``) and, within a rank, across ``num_proc`` worker processes.
+(chunk ``i`` belongs to rank ``i % world``) and, within a rank, across ``num_proc`` worker processes.
 A chunk is written to a temp dir and renamed, so a killed job never leaves a half chunk behind.
 
 What is stored is 16 kHz mono float32 audio plus its text, not log-mel features: see the README
@@ -35,7 +35,7 @@ from toolkit.data.sources import DataError, Source
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 256
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SKIP_FILE = "skips.json"
 
 
@@ -117,7 +117,10 @@ def build_chunk(
     rows, skips = process_chunk(source, start, stop, split, target_sr=target_sr, max_duration_s=max_duration_s)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    datasets.Dataset.from_dict(rows, features=features()).save_to_disk(str(tmp))
+    if rows["id"]:
+        datasets.Dataset.from_dict(rows, features=features()).save_to_disk(str(tmp))
+    else:
+        tmp.mkdir(parents=True)  # datasets cannot reload a saved empty table; only skips.json then
     (tmp / SKIP_FILE).write_text(json.dumps([asdict(s) for s in skips]))
     try:
         os.rename(tmp, target)
@@ -156,7 +159,9 @@ def prepare_split(
         chunk_dir / chunk_key(source, a, b, target_sr=target_sr, max_duration_s=max_duration_s) for a, b in bounds
     ]
     missing = [i for i, target in enumerate(targets) if not target.is_dir()]
-    mine = missing[rank::world_size]
+    # Deal by chunk index, not over `missing`: ranks look at the cache at different moments, and a
+    # list that shrinks while others build would leave some chunk to nobody.
+    mine = [i for i in missing if i % world_size == rank]
     jobs = [(source, *bounds[i], split, targets[i], target_sr, max_duration_s) for i in mine]
     if jobs:
         logger.info("%s: decoding %d of %d chunks on this rank", split, len(jobs), len(targets))
@@ -172,8 +177,12 @@ def prepare_split(
     for target in targets:
         if not target.is_dir():
             raise DataError(f"cache chunk {target} is missing after preprocessing (a rank failed?)")
-        parts.append(datasets.load_from_disk(str(target)))
+        if (target / "state.json").is_file():
+            parts.append(datasets.load_from_disk(str(target)))
         # The chunk may have been built for another role (train vs eval): report it under this one.
         skips.extend(Skip(**{**s, "split": split}) for s in json.loads((target / SKIP_FILE).read_text()))
-    dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if not parts:
+        dataset = datasets.Dataset.from_dict({name: [] for name in features()}, features=features())
+    else:
+        dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return PreparedSplit(dataset, skips, chunks_built=len(missing), chunks_reused=len(targets) - len(missing))

@@ -163,6 +163,9 @@ class TrainingRun:
             collate_fn=self.collator,
             num_workers=self.config.data.num_workers,
             persistent_workers=False,
+            # Its own generator: creating the iterator draws a worker seed, which must not consume
+            # the global RNG that dropout uses (a resumed run would then diverge from an unbroken one).
+            generator=torch.Generator().manual_seed(self.config.training.seed + start),
         )
 
     # -- one optimizer step -------------------------------------------------------------------------
@@ -272,7 +275,8 @@ class TrainingRun:
                     raise Preempted(self.state.step)
         progress.close()
         results = self.finish(last_eval, train_seconds, samples_seen, audio_seen)
-        metrics.log(self.state.step, {"final/" + k: v for k, v in (results.get("eval") or {}).items()})
+        if results.get("eval"):
+            metrics.log(self.state.step, {"final/" + k: v for k, v in results["eval"].items()})
         metrics.close()
         return results
 

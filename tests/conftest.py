@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny random Whisper models, small synthetic audio corpora, and a launcher helper."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHARED_MODEL = SHARED / "models" / "whisper-tiny.en"
+SHARED_DATA = SHARED / "data" / "espeak-en"
+
+needs_shared = pytest.mark.skipif(
+    not (SHARED_MODEL.is_dir() and SHARED_DATA.is_dir()),
+    reason="needs ../shared/models/whisper-tiny.en and ../shared/data/espeak-en (present on the team's machines only)",
+)
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A stitch in time saves nine.",
+    "Whisper models turn speech into text.",
+    "Every rank counts its own errors.",
+    "Colour and color are spelled two ways.",
+    "It costs twenty dollars, Mr. Smith.",
+    "Seven silver swans swam silently.",
+    "Nothing ventured, nothing gained.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path_factory.getbasetemp() / "toolkit-cache"
+    monkeypatch.setenv("WHISPER_TOOLKIT_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from toolkit.testing import make_tiny_whisper
+
+    return make_tiny_whisper(tmp_path_factory.mktemp("tiny-en") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_multilingual_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from toolkit.testing import make_tiny_whisper
+
+    return make_tiny_whisper(tmp_path_factory.mktemp("tiny-ml") / "model", multilingual=True)
+
+
+def write_clip(path: Path, seconds: float, sr: int = 16_000, channels: int = 1, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    tone = 0.3 * np.sin(2 * np.pi * (200 + 40 * seed) * t) + 0.02 * rng.standard_normal(t.shape)
+    data = np.stack([tone] * channels, axis=1) if channels > 1 else tone
+    sf.write(path, data.astype(np.float32), sr)
+
+
+def write_audiofolder(root: Path, n: int, *, seconds: float = 1.0, sr: int = 16_000, start_seed: int = 0) -> Path:
+    """An audiofolder of ``n`` short tone clips with English sentences as transcripts."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = f"clip-{i:03d}.flac"
+        write_clip(root / name, seconds + 0.1 * (i % 5), sr=sr, seed=start_seed + i)
+        rows.append({"file_name": name, "sentence": SENTENCES[i % len(SENTENCES)]})
+    with (root / "metadata.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file_name", "sentence"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``train/`` (32 clips) and ``dev/`` (10 clips) audiofolders."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_audiofolder(root / "train", 32)
+    write_audiofolder(root / "dev", 10, start_seed=100)
+    return root
+
+
+def launch(
+    args: list[str], *, processes: int, env: dict[str, str] | None = None, timeout: int = 600, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
+    """Run ``python -m toolkit ARGS`` on ``processes`` CPU processes through ``accelerate launch``."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    if processes > 1:
+        full_env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "toolkit", *args]
+    else:
+        cmd = [sys.executable, "-m", "toolkit", *args]
+    result = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        print(result.stdout[-5000:], result.stderr[-8000:], sep="\n")
+    return result
+
+
+def last_json_line(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON line in output:\n{text[-2000:]}")

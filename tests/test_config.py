@@ -1,0 +1,111 @@
+"""Recipe loading: overrides, types, and one-line errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from toolkit.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = """
+model: {name_or_path: some/model}
+data: {train: /data/train}
+training: {max_steps: 10}
+output: {dir: /tmp/out}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_recipes_load() -> None:
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        overrides = ["model.name_or_path=x"] if "demo" in recipe.name else []
+        config = load_config(recipe, overrides)
+        assert config.training.max_steps > 0
+
+
+def test_seed_recipe_matches_the_course() -> None:
+    config = load_config(ROOT / "recipes" / "dhivehi-whisper-small.yaml")
+    assert config.model.language == "sinhalese" and config.model.stand_in_for == "dhivehi"
+    assert config.data.train_split == "train+validation"
+    t = config.training
+    assert (t.max_steps, t.global_batch_size, t.learning_rate, t.warmup_steps) == (500, 16, 1e-5, 50)
+    assert t.mixed_precision == "fp16" and t.gradient_checkpointing
+
+
+def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, BASE),
+        ["training.learning_rate=3e-5", "training.max_grad_norm=null", "model.freeze_encoder=true", "data.num_proc=4"],
+    )
+    assert config.training.learning_rate == pytest.approx(3e-5)
+    assert config.training.max_grad_norm is None
+    assert config.model.freeze_encoder is True
+    assert config.data.num_proc == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.lerning_rate=1", "unknown key training.lerning_rate (did you mean training.learning_rate?)"),
+        ("bogus.key=1", "unknown key bogus"),
+        ("training.max_steps=ten", "training.max_steps must be an integer, got 'ten'"),
+        ("training.max_steps=1.5", "training.max_steps must be an integer"),
+        ("training.learning_rate=-1", "training.learning_rate must be positive"),
+        ("training.mixed_precision=fp8", "training.mixed_precision must be one of 'no', 'fp16', 'bf16'"),
+        ("model.freeze_encoder=maybe", "model.freeze_encoder must be true or false"),
+        ("training.micro_batch_size=32", "training.micro_batch_size (32) exceeds training.global_batch_size (16)"),
+        ("training.warmup_steps=11", "training.warmup_steps must be in [0, training.max_steps=10]"),
+        ("data.max_duration_s=40", "data.max_duration_s must be in (0, 30]"),
+        ("model.language=dhivehi", "model.language: Whisper has no language 'dhivehi'"),
+        ("output.push_to_hub=true", "output.push_to_hub needs output.hub_model_id"),
+        ("training=3", "override key 'training' must be dotted"),
+        ("nodots", "must look like section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, BASE), [override])
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_stand_in_language_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model.stand_in_for: dhivehi"):
+        load_config(write(tmp_path, BASE), ["model.language=dhivehi"])
+    config = load_config(write(tmp_path, BASE), ["model.language=sinhalese", "model.stand_in_for=dhivehi"])
+    assert config.model.language == "sinhalese"
+
+
+def test_missing_required_and_bad_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model.name_or_path is required"):
+        load_config(write(tmp_path, "data: {train: x}\ntraining: {max_steps: 1}\noutput: {dir: o}\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed"))
+    with pytest.raises(ConfigError, match="training must be a mapping, got int"):
+        load_config(write(tmp_path, BASE + "training: 3\n"))
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_cli_reports_config_error_in_one_line(tmp_path: Path) -> None:
+    import contextlib
+    import io
+
+    from toolkit.cli import EXIT_CONFIG, main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["train", "--config", str(write(tmp_path, BASE)), "training.max_steps=0"])
+    assert code == EXIT_CONFIG
+    assert err.getvalue().strip() == "config error: training.max_steps must be positive, got 0"

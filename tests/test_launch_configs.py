@@ -1,0 +1,206 @@
+"""Every accelerate launch config in launch_configs/ starts a real 2-step training run on CPU.
+
+The world size each config must produce is asserted from results.json: on a machine without a
+GPU, a wrongly written config silently runs ONE process instead of failing.
+DeepSpeed configs are covered by their own tests and skipped here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_DIR = REPO / "launch_configs"
+TIMEOUT_S = 300
+
+pytestmark = pytest.mark.slow
+
+
+# -- fixtures (kept in this file: tests/conftest.py belongs to the shared suite) --------------------------
+
+
+def write_audiofolder(directory: Path, count: int, seed: int) -> Path:
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = ["file_name,sentence"]
+    for index in range(count):
+        audio = (rng.standard_normal(16000) * 0.05).astype("float32")
+        sf.write(directory / f"{index}.flac", audio, 16000, format="FLAC")
+        rows.append(f"{index}.flac,hello world number {index}")
+    (directory / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return directory
+
+
+def write_recipe(path: Path, model: Path, train: Path, dev: Path, **training: object) -> Path:
+    """A tiny recipe: 2 steps of 4 samples, no evaluation during training (one at the end)."""
+    recipe = {
+        "model": {"name_or_path": str(model)},
+        "data": {"train": str(train), "eval": str(dev), "num_workers": 1},
+        "training": {
+            "max_steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-4,
+            "warmup_steps": 0, "log_every": 1, "save_every": 0, "mixed_precision": "no", **training,
+        },
+        "evaluation": {"at_start": False, "every_steps": 0, "batch_size": 4, "max_new_tokens": 4},
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from toolkit.testing import make_tiny_whisper
+
+    root = tmp_path_factory.mktemp("launch")
+    model = make_tiny_whisper(root / "tiny-whisper")
+    train = write_audiofolder(root / "data" / "train", 8, seed=0)
+    dev = write_audiofolder(root / "data" / "dev", 4, seed=1)
+    return {"root": root, "recipe": write_recipe(root / "recipe.yaml", model, train, dev), "cache": root / "cache"}
+
+
+def launch_env(cache: Path, cpu: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", WHISPER_TOOLKIT_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("ACCELERATE_USE_CPU", None)
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    return env
+
+
+def accelerate_bin() -> str:
+    beside = Path(sys.executable).parent / "accelerate"
+    return str(beside) if beside.exists() else "accelerate"
+
+
+def accelerate_cmd(config: Path, flags: list[str], recipe: Path, out: Path) -> list[str]:
+    return [
+        accelerate_bin(), "launch", "--config_file", str(config), *flags,
+        "-m", "toolkit", "train", "--config", str(recipe), f"output.dir={out}",
+    ]
+
+
+def run_all(commands: list[list[str]], env: dict[str, str], logs: list[Path]) -> None:
+    """Start all commands at once (each in its own session), wait for all; kill all on a hang."""
+    procs = []
+    for command, log in zip(commands, logs, strict=True):
+        with log.open("w") as handle:
+            procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    try:
+        for proc in procs:
+            proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"launch hung for {TIMEOUT_S} s:\n" + "\n".join(tail(log) for log in logs))
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, f"exit {proc.returncode}:\n{tail(log)}"
+
+
+def tail(log: Path, lines: int = 40) -> str:
+    text = log.read_text(errors="replace") if log.exists() else "(no log)"
+    return f"--- {log.name}\n" + "\n".join(text.splitlines()[-lines:])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- the configs ----------------------------------------------------------------------------------------
+
+CONFIG_FILES = sorted(p for p in LAUNCH_DIR.iterdir() if p.suffix in (".yaml", ".yml", ".json")) if LAUNCH_DIR.is_dir() else []
+
+
+def is_deepspeed(path: Path) -> bool:
+    return path.suffix == ".json" or "deepspeed" in path.read_text().lower()
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def test_launch_configs_exist() -> None:
+    names = {p.name for p in CONFIG_FILES}
+    assert {"1gpu.yaml", "multi_gpu.yaml", "multi_node.yaml"} <= names, names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_launch_config_has_no_hyperparameters(path: Path) -> None:
+    if is_deepspeed(path):
+        pytest.skip("DeepSpeed config: covered by the DeepSpeed tests")
+    config = load(path)
+    # 'no' must be a string: a bare `no` in YAML is False, which accelerate rejects.
+    assert config.get("mixed_precision", "no") == "no", "mixed precision belongs in the recipe (training.mixed_precision)"
+    for key in config:
+        assert not any(word in key for word in ("batch", "learning_rate", "lr", "accumulation")), key
+    assert f"accelerate launch --config_file launch_configs/{path.name}" in path.read_text(), "header must show the command"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_launch_config_trains(path: Path, tiny_run: dict[str, Path]) -> None:
+    if is_deepspeed(path):
+        pytest.skip("DeepSpeed config: covered by the DeepSpeed tests")
+    config = load(path)
+    kind = str(config.get("distributed_type", "NO"))
+    machines = int(config.get("num_machines", 1))
+    out = tiny_run["root"] / f"out-{path.stem}"
+    recipe = tiny_run["recipe"]
+    logs = [tiny_run["root"] / f"{path.stem}-{i}.log" for i in range(2)]
+    if kind == "NO":
+        env = launch_env(tiny_run["cache"], cpu=False)
+        run_all([accelerate_cmd(path, [], recipe, out)], env, logs[:1])
+        expected = 1
+    elif kind == "MULTI_GPU" and machines == 1:
+        # CPU stand-in for "all GPUs of one machine": 2 processes over gloo
+        env = launch_env(tiny_run["cache"], cpu=True)
+        flags = ["--num_processes", "2", "--main_process_port", "0"]
+        run_all([accelerate_cmd(path, flags, recipe, out)], env, logs[:1])
+        expected = 2
+    elif kind == "MULTI_GPU":
+        # two "machines" on 127.0.0.1, one process each, as slurm/train.sbatch launches them
+        env = launch_env(tiny_run["cache"], cpu=True)
+        port = free_port()
+        commands = [
+            accelerate_cmd(path, ["--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                                  "--main_process_port", str(port), "--num_processes", "2"], recipe, out)
+            for rank in (1, 0)
+        ]
+        run_all(commands, env, logs)
+        expected = 2
+    else:
+        pytest.fail(f"{path.name}: no test for distributed_type {kind}; extend test_launch_config_trains")
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == expected, results
+    assert results["steps"] == 2
+    assert results["global_batch_size"] == 4
+
+
+def test_recipe_mixed_precision_beats_launch_config(tiny_run: dict[str, Path]) -> None:
+    """A launch config's mixed_precision reaches the processes as ACCELERATE_MIXED_PRECISION;
+    the toolkit's Accelerator must still use the recipe's training.mixed_precision."""
+    code = (
+        "import sys; from toolkit.config import load_config; from toolkit.training.loop import make_accelerator\n"
+        "config = load_config(sys.argv[1], ['output.dir=' + sys.argv[2]])\n"
+        "print(make_accelerator(config).mixed_precision)\n"
+    )
+    env = launch_env(tiny_run["cache"], cpu=True)
+    env["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_run["recipe"]), str(tiny_run["root"] / "mp")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "no"
