@@ -15,9 +15,8 @@
 # DEMO_JOBS espeak-ng processes at once (default: all cores).
 #
 # What it does, each step skipped when already done (safe to re-run):
-#   1. apt-get install espeak-ng (and python3-venv when a venv must be made) if missing; as root or with sudo
-#   2. .venv: `pip install torch==2.13.0` first (a bare torch requirement could pull a CUDA build),
-#      then `pip install -e .`
+#   1-2. scripts/setup.sh: apt-get install espeak-ng (python3-venv if needed); .venv with
+#      `pip install torch==2.13.0` first (a bare torch requirement could pull a CUDA build), then the toolkit
 #   3. `python -m toolkit synth --out demo/data` (re-made when DEMO_TRAIN/DEMO_DEV change)
 #   4. accelerate launch -m toolkit train --config recipes/demo.yaml model.name_or_path=MODEL_DIR ...
 #      CPU only: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 (without
@@ -37,46 +36,10 @@ DATA=demo/data
 
 say() { printf '\n==> %s\n' "$*" >&2; }
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        echo "error: need root (or sudo) to run: $*" >&2
-        exit 1
-    fi
-}
-
-# 1. System packages.
-missing=()
-command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
-if [ ! -x .venv/bin/python ]; then
-    command -v python3 >/dev/null 2>&1 || missing+=(python3)
-    # Debian's python3 has no ensurepip (so no `python3 -m venv`) without python3-venv.
-    python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
-fi
-if [ ${#missing[@]} -gt 0 ]; then
-    say "installing system packages: ${missing[*]}"
-    as_root apt-get update
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
-fi
-
-# 2. Python environment.
-if [ ! -x .venv/bin/python ]; then
-    say "creating .venv"
-    python3 -m venv .venv
-fi
+# 1-2. System packages and the Python environment (shared with the test set-up).
+bash scripts/setup.sh
 export VIRTUAL_ENV="$PWD/.venv"
 export PATH="$VIRTUAL_ENV/bin:$PATH"
-if ! python -c 'import torch' >/dev/null 2>&1; then
-    say "pip install torch==2.13.0"
-    python -m pip install torch==2.13.0
-fi
-if ! python -c 'import toolkit.cli, accelerate, jiwer, soxr, soundfile' >/dev/null 2>&1; then
-    say "pip install -e ."
-    python -m pip install -e .
-fi
 
 # 3. Corpus.
 rows() { if [ -f "$1/metadata.csv" ]; then echo $(($(wc -l <"$1/metadata.csv") - 1)); else echo -1; fi; }

@@ -121,6 +121,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
+# a requeued job becomes eligible by time, which only the periodic passes notice (default 60 s / 30 s)
+SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
@@ -143,19 +145,23 @@ PartitionName=debug Nodes=${NODES[0]},${NODES[1]} Default=YES MaxTime=INFINITE O
 EOF
     if [[ -f $CONF ]] && cmp -s "$tmp" "$CONF"; then
         rm -f "$tmp"
-        return 1  # unchanged
+        CONF_CHANGED=0
+        return
     fi
     log "writing $CONF"
     mv "$tmp" "$CONF"
     chmod 644 "$CONF"
-    return 0
+    CONF_CHANGED=1
 }
 
 start_daemons() {
     local changed=$1 node
-    if pid_alive "$RUN/slurmctld.pid"; then
-        [[ $changed == 1 ]] && { log "slurm.conf changed: scontrol reconfigure"; scontrol reconfigure || true; }
-    else
+    if [[ $changed == 1 ]] && pid_alive "$RUN/slurmctld.pid"; then
+        # not `scontrol reconfigure`: it does not apply AuthInfo (cred_expire); jobs survive a restart
+        log "slurm.conf changed: restarting the daemons"
+        stop_daemons
+    fi
+    if ! pid_alive "$RUN/slurmctld.pid"; then
         log "starting slurmctld"
         slurmctld
     fi
@@ -202,9 +208,8 @@ start)
     install_packages
     start_munge
     hosts_entry
-    changed=0
-    write_conf && changed=1
-    start_daemons "$changed"
+    write_conf
+    start_daemons "$CONF_CHANGED"
     wait_idle
     sinfo
     ;;

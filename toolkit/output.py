@@ -39,6 +39,11 @@ def export_model(model: Any, processor: Any, target: Path, config: RunConfig, re
         model.gradient_checkpointing_disable()
     model.save_pretrained(str(target), safe_serialization=True)
     processor.save_pretrained(str(target))
+    # transformers 5 does not save the English spelling map; without it the reloaded model's
+    # normalised WER differs from the one measured during training.
+    spelling = getattr(processor.tokenizer, "english_spelling_normalizer", None)
+    if spelling:
+        (target / "normalizer.json").write_text(json.dumps(spelling, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     (target / "README.md").write_text(model_card(config, results))
 
 

@@ -86,3 +86,17 @@ def test_eval_is_identical_on_one_and_two_processes(two_process_run: Path, corpu
     for key in ("wer", "wer_ortho", "cer", "num_samples", "reference_words"):
         assert m1[key] == m2[key], key
     assert two.stdout.count('{"wer"') == 1  # printed by the main process only
+
+
+def test_final_model_best_exports_the_best_checkpoint(tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = train_args(tiny_model, corpus, out, "output.final_model=best", "evaluation.at_start=false",
+                      "output.keep_checkpoints=1", "training.save_every=0")
+    assert launch(args, processes=1).returncode == 0
+    results = json.loads((out / "results.json").read_text())
+    best = results["best"]["step"]
+    assert results["final_model"] == "best" and best in (2, 4)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted({f"checkpoint-{best}", "checkpoint-4"})
+    final = load_file(out / "final" / "model.safetensors")
+    kept = load_file(out / "checkpoints" / f"checkpoint-{best}" / "model.safetensors")
+    assert all((final[k] == kept[k]).all() for k in kept)

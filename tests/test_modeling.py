@@ -1,0 +1,48 @@
+"""Model loading: language rules for English-only and multilingual checkpoints, training options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from toolkit.config import ConfigError, ModelConfig, TrainingConfig
+from toolkit.modeling import ModelLoadError, load_model, trainable_parameters
+
+
+def test_english_only_takes_no_language(tiny_model: Path) -> None:
+    loaded = load_model(ModelConfig(name_or_path=str(tiny_model)))
+    assert loaded.english and loaded.language is None
+    prefix = loaded.processor.tokenizer.convert_ids_to_tokens(loaded.processor.tokenizer("x").input_ids[:2])
+    assert prefix == ["<|startoftranscript|>", "<|notimestamps|>"]
+    assert load_model(ModelConfig(name_or_path=str(tiny_model), language="english")).language is None
+    with pytest.raises(ConfigError, match="is English-only; it cannot transcribe 'french'"):
+        load_model(ModelConfig(name_or_path=str(tiny_model), language="french"))
+
+
+def test_multilingual_needs_a_language_and_sets_the_prompt(tiny_multilingual_model: Path) -> None:
+    with pytest.raises(ConfigError, match="model.language is required for the multilingual checkpoint"):
+        load_model(ModelConfig(name_or_path=str(tiny_multilingual_model)))
+    loaded = load_model(ModelConfig(name_or_path=str(tiny_multilingual_model), language="si", stand_in_for="dhivehi"))
+    assert loaded.language == "sinhala" and not loaded.english  # "si" -> its canonical name
+    assert loaded.model.generation_config.language == "sinhala"
+    assert loaded.model.generation_config.task == "transcribe"
+    tokens = loaded.processor.tokenizer.convert_ids_to_tokens(loaded.processor.tokenizer("x").input_ids[:4])
+    assert tokens == ["<|startoftranscript|>", "<|si|>", "<|transcribe|>", "<|notimestamps|>"]
+
+
+def test_training_options(tiny_model: Path) -> None:
+    model_cfg = ModelConfig(name_or_path=str(tiny_model), freeze_encoder=True, spec_augment=True, mask_time_prob=0.1)
+    training_cfg = TrainingConfig(max_steps=1, gradient_checkpointing=True)
+    model = load_model(model_cfg, training_cfg).model
+    assert model.config.use_cache is False
+    assert model.config.apply_spec_augment and model.config.mask_time_prob == 0.1
+    assert model.is_gradient_checkpointing
+    assert not any(p.requires_grad for p in model.model.encoder.parameters())
+    trainable, total = trainable_parameters(model)
+    assert 0 < trainable < total
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="could not load Whisper checkpoint"):
+        load_model(ModelConfig(name_or_path=str(tmp_path / "nope")))
