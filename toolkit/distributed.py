@@ -7,6 +7,7 @@ on CPU needs gloo named explicitly; this module is the one place that knows both
 from __future__ import annotations
 
 import os
+import signal
 from datetime import timedelta
 from typing import Any
 
@@ -63,3 +64,16 @@ def all_reduce_max(flag: bool, device: torch.device) -> bool:
     tensor = torch.tensor([1 if flag else 0], device=device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Slurm preemption (and ``scancel``) signals every process of a job with these."""
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: leave stop signals to the main process.
+
+    A worker killed by SIGTERM makes the main process raise before it can write its checkpoint.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

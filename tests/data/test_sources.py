@@ -71,8 +71,13 @@ def test_missing_local_path_is_not_taken_for_a_hub_id(tmp_path: Path) -> None:
 
 
 def test_hub_source_offline_error_is_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets.config
+    import huggingface_hub.constants
+
+    # Both libraries read the offline switch at import time: patch the constants, not only the env.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(DataError, match="could not load Hub dataset 'someone/nonexistent-ds'.*local directory or manifest"):
         open_source("someone/nonexistent-ds", split="train", text_column="sentence")
 

@@ -34,8 +34,8 @@ def two_process_run(tiny_model: Path, corpus: Path, tmp_path_factory: pytest.Tem
     (train / "metadata.csv").unlink()
     text = (corpus / "train" / "metadata.csv").read_text() + "missing.flac,gone\n"
     (train / "metadata.csv").write_text(text)
-    args = train_args(tiny_model, train.parent, out)
-    args[args.index(f"data.train={train.parent / 'train'}")] = f"data.train={train}"
+    args = train_args(tiny_model, corpus, out)
+    args[args.index(f"data.train={corpus / 'train'}")] = f"data.train={train}"
     result = launch(args, processes=2, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective global batch: global batch 8 = micro-batch 2 x accumulation 2 x 2 process(es)" in result.stdout

@@ -91,13 +91,14 @@ def test_sigkill_then_resume_matches_an_unbroken_run(tiny_model: Path, corpus: P
     assert losses == ref_losses  # one line per step, none duplicated by the resume
 
 
-def test_sigterm_checkpoints_and_exits_75(tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
+def test_sigterm_to_the_process_group_checkpoints_and_exits_75(tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = args_for(tiny_model, corpus, out, steps=40)
     args[args.index("training.save_every=2")] = "training.save_every=0"
     proc = start(args, processes=1)
     wait_for(out / "metrics.jsonl", proc)
-    proc.send_signal(signal.SIGTERM)
+    # Like Slurm, signal every process of the job, DataLoader workers included.
+    os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 75, proc.stderr.read()[-3000:]
     saved = [p.name for p in (out / "checkpoints").glob("checkpoint-*")]
     assert len(saved) == 1 and not (out / "final").exists()

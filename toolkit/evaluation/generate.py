@@ -22,6 +22,7 @@ from accelerate.utils import gather_object, reduce
 
 from toolkit.data.collator import WhisperCollator
 from toolkit.data.dataset import SpeechDataset
+from toolkit.distributed import ignore_stop_signals
 from toolkit.evaluation.wer import CorpusCounts
 
 
@@ -81,7 +82,8 @@ def evaluate_model(
 
     batches = eval_batches(dataset.durations, batch_size, state.num_processes, state.process_index)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers
+        dataset, batch_sampler=batches, collate_fn=collator, num_workers=num_workers,
+        worker_init_fn=ignore_stop_signals,
     )
     counts = CorpusCounts.zero()
     predictions: list[dict[str, str]] = []

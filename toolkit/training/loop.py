@@ -28,7 +28,13 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 from toolkit.config import ConfigError, RunConfig, dump_config
 from toolkit.data.collator import IGNORE_INDEX, Batch, WhisperCollator
 from toolkit.data.pipeline import LoadedSplit, load_split
-from toolkit.distributed import all_reduce_max, process_group_kwargs, use_cpu
+from toolkit.distributed import (
+    STOP_SIGNALS,
+    all_reduce_max,
+    ignore_stop_signals,
+    process_group_kwargs,
+    use_cpu,
+)
 from toolkit.evaluation.generate import evaluate_model
 from toolkit.evaluation.normalize import make_normalizer
 from toolkit.modeling import LoadedModel, load_model, trainable_parameters
@@ -54,7 +60,7 @@ class Preempted(Exception):
 class StopSignal:
     """Remembers SIGTERM/SIGUSR1 (Slurm preemption, ``scancel --signal``) until the next step boundary."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -163,6 +169,7 @@ class TrainingRun:
             collate_fn=self.collator,
             num_workers=self.config.data.num_workers,
             persistent_workers=False,
+            worker_init_fn=ignore_stop_signals,
             # Its own generator: creating the iterator draws a worker seed, which must not consume
             # the global RNG that dropout uses (a resumed run would then diverge from an unbroken one).
             generator=torch.Generator().manual_seed(self.config.training.seed + start),
