@@ -91,15 +91,26 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     )
 
 
-def loss_sum(model: Any, batch: Batch, pad_token_id: int, decoder_start_token_id: int) -> tuple[torch.Tensor, int]:
-    """Summed token cross-entropy of a micro-batch, and its number of label tokens."""
+def loss_sum(model: Any, batch: Batch, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Summed token cross-entropy of a micro-batch."""
     assert batch.labels is not None
     decoder_input_ids = shift_tokens_right(batch.labels, pad_token_id, decoder_start_token_id)
     logits = model(input_features=batch.input_features, decoder_input_ids=decoder_input_ids).logits
-    loss = F.cross_entropy(
+    return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss, int((batch.labels != IGNORE_INDEX).sum())
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did; ``loss_sum`` is this rank's, the counts are the global step's."""
+
+    loss_sum: torch.Tensor
+    tokens: int
+    samples: int
+    audio_seconds: float
+    seconds: float
+    grad_norm: float | None = None
 
 
 @dataclass
@@ -176,11 +187,9 @@ class TrainingRun:
         )
 
     # -- one optimizer step -------------------------------------------------------------------------
-    def train_step(self, step: int, batches: Any) -> tuple[torch.Tensor, float | None]:
-        """Forward/backward over this rank's micro-batches of ``step``, then one optimizer step.
-
-        Returns this rank's summed token loss and the gradient norm before clipping.
-        """
+    def train_step(self, step: int, batches: Any) -> StepStats:
+        """Forward/backward over this rank's micro-batches of ``step``, then one optimizer step."""
+        tick = time.perf_counter()
         indices = self.sampler.step_indices(step)
         step_tokens = int(self.data.label_lengths[indices].sum())
         scale = self.accelerator.num_processes / step_tokens
@@ -191,7 +200,7 @@ class TrainingRun:
             # Gradients are all-reduced once, on the step's last micro-batch.
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
             with sync:
-                summed, _ = loss_sum(self.model, batch, self.pad_id, self.start_id)
+                summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
                 self.accelerator.backward(summed * scale)
             total += summed.detach()
         grad_norm = None
@@ -202,7 +211,8 @@ class TrainingRun:
         if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the lr schedule waits too
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, grad_norm
+        audio = float(self.data.train.dataset.durations[indices].sum())
+        return StepStats(total, step_tokens, len(indices), audio, time.perf_counter() - tick, grad_norm)
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -238,36 +248,25 @@ class TrainingRun:
             logger.info("baseline eval: %s", self.baseline)
 
         start_step = self.state.step
-        window = _Window()
-        train_seconds = 0.0
-        samples_seen = 0
-        audio_seen = 0.0
+        window, totals = _Window(), _Window()
         last_eval: dict[str, Any] | None = None
         progress = tqdm(total=cfg.max_steps, initial=start_step, disable=not acc.is_main_process, desc="train")
         batches = iter(self.train_loader(start_step))
         self.model.train()
         with StopSignal() as stop:
             for step in range(start_step, cfg.max_steps):
-                tick = time.perf_counter()
-                loss, grad_norm = self.train_step(step, batches)
+                stats = self.train_step(step, batches)
                 self.state.step = step + 1
-                elapsed = time.perf_counter() - tick
-                indices = self.sampler.step_indices(step)
-                window.add(loss, int(self.data.label_lengths[indices].sum()), len(indices),
-                           float(self.data.train.dataset.durations[indices].sum()), elapsed, grad_norm)
-                train_seconds += elapsed
-                samples_seen += len(indices)
-                audio_seen += float(self.data.train.dataset.durations[indices].sum())
+                window.add(stats)
+                totals.add(stats)
                 progress.update(1)
                 done = self.state.step == cfg.max_steps
                 if self.state.step % cfg.log_every == 0 or done:
-                    values = window.flush(acc)
-                    values.update(lr=self.scheduler.get_last_lr()[0], epoch=round(self.sampler.epoch_of(self.state.step), 4),
-                                  peak_memory_gib=round(peak_memory_gib(acc.device), 3))
+                    values = self.log_values(window)
                     metrics.log(self.state.step, values)
                     progress.set_postfix(loss=f"{values['loss']:.4f}")
-                every = self.config.evaluation.every_steps
                 is_best = False
+                every = self.config.evaluation.every_steps
                 if self.data.eval is not None and every and (self.state.step % every == 0 or done):
                     last_eval = self.evaluate()
                     is_best = self.state.record_eval(self.state.step, last_eval)
@@ -281,15 +280,21 @@ class TrainingRun:
                     metrics.close()
                     raise Preempted(self.state.step)
         progress.close()
-        results = self.finish(last_eval, train_seconds, samples_seen, audio_seen)
+        results = self.finish(last_eval, totals)
         if results.get("eval"):
             metrics.log(self.state.step, {"final/" + k: v for k, v in results["eval"].items()})
         metrics.close()
         return results
 
-    def finish(
-        self, last_eval: dict[str, Any] | None, train_seconds: float, samples_seen: int, audio_seen: float
-    ) -> dict[str, Any]:
+    def log_values(self, window: _Window) -> dict[str, Any]:
+        values = window.flush(self.accelerator)
+        values["lr"] = self.scheduler.get_last_lr()[0]
+        values["epoch"] = round(self.sampler.epoch_of(self.state.step), 4)
+        values["peak_memory_gib"] = round(peak_memory_gib(self.accelerator.device), 3)
+        return values
+
+    def finish(self, last_eval: dict[str, Any] | None, totals: _Window) -> dict[str, Any]:
+        """Final eval and export; ``totals`` covers the steps this invocation trained."""
         acc = self.accelerator
         if self.config.output.final_model == "best" and self.state.best_step not in (None, self.state.step):
             best = self.checkpoints.path_for(self.state.best_step)  # type: ignore[arg-type]
@@ -309,9 +314,8 @@ class TrainingRun:
             "world_size": self.plan.world_size,
             "backoffs": self.state.backoffs,
             "train_samples": len(self.data.train.dataset),
-            "train_samples_per_second": round(samples_seen / train_seconds, 4) if train_seconds else None,
-            "train_audio_seconds_per_second": round(audio_seen / train_seconds, 3) if train_seconds else None,
-            "train_runtime_s": round(train_seconds, 2),
+            **totals.rates(),
+            "train_runtime_s": round(totals.seconds, 2),
             "skipped": len(self.data.train.skips) + (len(self.data.eval.skips) if self.data.eval else 0),
             "final_model": self.config.output.final_model,
         }
@@ -328,33 +332,41 @@ class TrainingRun:
 
 
 class _Window:
-    """Sums over the steps between two log lines."""
+    """Sums of :class:`StepStats` over a span of steps (between two log lines, or the whole run)."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.loss = 0.0
+        self.losses: list[torch.Tensor] = []
         self.tokens = self.samples = 0
         self.audio = self.seconds = 0.0
         self.grad_norm: float | None = None
-        self.pending: list[torch.Tensor] = []
 
-    def add(self, loss: torch.Tensor, tokens: int, samples: int, audio: float, seconds: float, grad_norm: float | None) -> None:
-        self.pending.append(loss)
-        self.tokens += tokens
-        self.samples += samples
-        self.audio += audio
-        self.seconds += seconds
-        self.grad_norm = grad_norm
+    def add(self, stats: StepStats) -> None:
+        self.losses.append(stats.loss_sum)
+        self.tokens += stats.tokens
+        self.samples += stats.samples
+        self.audio += stats.audio_seconds
+        self.seconds += stats.seconds
+        self.grad_norm = stats.grad_norm
+
+    def rates(self) -> dict[str, float | None]:
+        if not self.seconds:
+            return {"train_samples_per_second": None, "train_audio_seconds_per_second": None}
+        return {
+            "train_samples_per_second": round(self.samples / self.seconds, 4),
+            "train_audio_seconds_per_second": round(self.audio / self.seconds, 3),
+        }
 
     def flush(self, accelerator: Accelerator) -> dict[str, Any]:
-        local = torch.stack(self.pending).sum()
-        total = float(accelerator.reduce(local, reduction="sum"))
-        values = {
+        """Mean token loss over all ranks (one all-reduce) and throughput; then start a new window."""
+        total = float(accelerator.reduce(torch.stack(self.losses).sum(), reduction="sum"))
+        rates = self.rates()
+        values: dict[str, Any] = {
             "loss": total / self.tokens,
-            "samples_per_second": round(self.samples / self.seconds, 4),
-            "audio_seconds_per_second": round(self.audio / self.seconds, 3),
+            "samples_per_second": rates["train_samples_per_second"],
+            "audio_seconds_per_second": rates["train_audio_seconds_per_second"],
         }
         if self.grad_norm is not None:
             values["grad_norm"] = round(self.grad_norm, 5)
