@@ -90,8 +90,9 @@ def test_eval_is_identical_on_one_and_two_processes(two_process_run: Path, corpu
 
 def test_final_model_best_exports_the_best_checkpoint(tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
+    # Also the bf16 autocast path (CPU autocast), in training and in generation.
     args = train_args(tiny_model, corpus, out, "output.final_model=best", "evaluation.at_start=false",
-                      "output.keep_checkpoints=1", "training.save_every=0")
+                      "output.keep_checkpoints=1", "training.save_every=0", "training.mixed_precision=bf16")
     assert launch(args, processes=1).returncode == 0
     results = json.loads((out / "results.json").read_text())
     best = results["best"]["step"]
