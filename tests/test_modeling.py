@@ -37,7 +37,7 @@ def test_training_options(tiny_model: Path) -> None:
     model = load_model(model_cfg, training_cfg).model
     assert model.config.use_cache is False
     assert model.config.apply_spec_augment and model.config.mask_time_prob == 0.1
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     assert not any(p.requires_grad for p in model.model.encoder.parameters())
     trainable, total = trainable_parameters(model)
     assert 0 < trainable < total

@@ -108,7 +108,7 @@ def configure_for_training(
     if model_cfg.freeze_encoder:
         model.freeze_encoder()
     if training_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -35,8 +35,8 @@ def export_model(model: Any, processor: Any, target: Path, config: RunConfig, re
     """Save a plain transformers model + processor that ``pipeline("automatic-speech-recognition")`` loads."""
     target.mkdir(parents=True, exist_ok=True)
     model.config.use_cache = True
-    if getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    if getattr(model, "is_activation_checkpointing", False):
+        model.activation_checkpointing_disable()
     model.save_pretrained(str(target), safe_serialization=True)
     processor.save_pretrained(str(target))
     # transformers 5 does not save the English spelling map; without it the reloaded model's
