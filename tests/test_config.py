@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.config import ConfigError, load_config
+from toolkit.launch import LaunchInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,3 +110,47 @@ def test_cli_reports_config_error_in_one_line(tmp_path: Path) -> None:
         code = main(["train", "--config", str(write(tmp_path, BASE)), "training.max_steps=0"])
     assert code == EXIT_CONFIG
     assert err.getvalue().strip() == "config error: training.max_steps must be positive, got 0"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "launch", "message"),
+    [
+        (["model.quantization=int8"], LaunchInfo(), "model.quantization=int8 needs training.method=lora"),
+        (["model.quantization=nf4", "training.method=lora"], LaunchInfo(2, True, 3),
+         "model.quantization=nf4 cannot run under DeepSpeed ZeRO-3: ZeRO partitions"),
+        (["model.quantization=int8", "training.method=lora"], LaunchInfo(2, True, 2, offload_optimizer=True),
+         "cannot run under DeepSpeed ZeRO-2 with optimizer offload"),
+        (["training.optimizer=adamw8bit"], LaunchInfo(2, True, 2), "use training.optimizer=adamw with DeepSpeed"),
+    ],
+)
+def test_impossible_mode_combinations_are_refused(tmp_path: Path, overrides: list[str], launch: LaunchInfo, message: str) -> None:
+    config = load_config(write(tmp_path, BASE), overrides[:0])
+    for item in overrides:
+        apply_override_to(config, item)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        config.validate(launch=launch)
+
+
+def test_valid_low_memory_modes_load(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, BASE),
+        ["training.method=lora", "model.quantization=nf4", "lora.target_modules=q_proj,k_proj,v_proj", "lora.rank=8"],
+    )
+    assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj"] and config.lora.rank == 8
+    config.validate(launch=LaunchInfo(world_size=2))
+
+
+def test_launch_info_reads_the_deepspeed_json(tmp_path: Path) -> None:
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}')
+    info = LaunchInfo.from_env({"WORLD_SIZE": "4", "ACCELERATE_USE_DEEPSPEED": "true",
+                                "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)})
+    assert (info.world_size, info.zero_stage, info.offload_params, info.offload_optimizer) == (4, 3, True, False)
+    assert info.description == "DeepSpeed ZeRO-3 with parameters offload"
+    assert LaunchInfo.from_env({"WORLD_SIZE": "2"}).description == "DDP"
+
+
+def apply_override_to(config, item: str) -> None:  # noqa: ANN001
+    section, _, rest = item.partition(".")
+    key, _, value = rest.partition("=")
+    setattr(getattr(config, section), key, value)

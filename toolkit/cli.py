@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--audio-column", default=None)
     ev.add_argument("--language", default=None, help="Whisper language (required for multilingual checkpoints)")
     ev.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    ev.add_argument("--quantization", default="none", choices=["none", "int8", "nf4"],
+                    help="load the base quantised (for a LoRA adapter directory trained that way)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--max-new-tokens", type=int, default=225)
     ev.add_argument("--num-beams", type=int, default=1)
@@ -81,6 +83,7 @@ def setup_logging(verbose: bool) -> None:
         import transformers
 
         logging.getLogger("accelerate").setLevel(logging.WARNING)
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # per-call int8 cast notices
         transformers.logging.set_verbosity_error()
         datasets.logging.set_verbosity_error()
         datasets.disable_progress_bars()
@@ -138,7 +141,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from toolkit.distributed import init_state
     from toolkit.evaluation.run import run_evaluate
 
-    model_cfg = ModelConfig(name_or_path=args.model, language=args.language, task=args.task)
+    model_cfg = ModelConfig(name_or_path=args.model, language=args.language, task=args.task, quantization=args.quantization)
     data_cfg = DataConfig(
         eval=args.data, eval_split=args.split, hub_config=args.hub_config, text_column=args.text_column,
         audio_column=args.audio_column, max_eval_samples=args.max_samples, cache_dir=args.cache_dir,

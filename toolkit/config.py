@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from toolkit.launch import LaunchInfo
+
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the offending key."""
@@ -44,6 +46,10 @@ class ModelConfig:
     """SpecAugment: fraction of time frames masked (only with ``spec_augment``)."""
     mask_feature_prob: float = 0.0
     """SpecAugment: fraction of mel bins masked (only with ``spec_augment``)."""
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    """Load the base weights quantised with bitsandbytes (int8, or 4-bit NF4 for QLoRA); needs training.method=lora."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype the quantised layers compute in (NF4's bnb_4bit_compute_dtype); float32 on CPU-only machines."""
 
     def validate(self) -> None:
         if not self.name_or_path:
@@ -135,6 +141,10 @@ class DataConfig:
 class TrainingConfig:
     max_steps: int = 0
     """Optimizer steps to train for."""
+    method: Literal["full", "lora"] = "full"
+    """Full fine-tuning, or LoRA adapters (PEFT) on a frozen base (see the ``lora`` section)."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """torch AdamW (fused where the device has it), or bitsandbytes' 8-bit AdamW (4x smaller states)."""
     global_batch_size: int = 16
     """Samples per optimizer step, over all processes: micro x accumulation x world size."""
     micro_batch_size: int = 16
@@ -200,6 +210,30 @@ class TrainingConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters; the defaults are those of PEFT's int8 Whisper recipe (r=32 on q/v, alpha 64)."""
+
+    rank: int = 32
+    """Adapter rank r."""
+    alpha: int = 64
+    """Scaling numerator: updates are scaled by alpha / rank."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Linear layers (by name) that get adapters, in every attention block."""
+
+    def validate(self) -> None:
+        if self.rank <= 0:
+            raise ConfigError(f"lora.rank must be positive, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module (q_proj, k_proj, v_proj, out_proj, fc1, fc2)")
+
+
+@dataclass
 class EvaluationConfig:
     every_steps: int = 0
     """Optimizer steps between evaluations during training; 0 evaluates only at the end."""
@@ -231,6 +265,8 @@ class OutputConfig:
     """How many of the newest checkpoints to keep (the best one by WER is kept on top of these)."""
     final_model: Literal["last", "best"] = "last"
     """What final/ holds: the last weights, or the checkpoint with the lowest eval WER."""
+    merge_lora: bool = True
+    """LoRA runs: final/ holds the merged plain model (pipeline() loads it); the adapter alone is in final/adapter/."""
     push_to_hub: bool = False
     """Upload final/ to the Hub at the end (a failure is reported; the local result stays)."""
     hub_model_id: str | None = None
@@ -256,11 +292,14 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
-    def validate(self, *, for_training: bool = True) -> None:
+    def validate(self, *, for_training: bool = True, launch: LaunchInfo | None = None) -> None:
         self.model.validate()
         self.data.validate()
         self.evaluation.validate()
+        self.lora.validate()
+        check_combinations(self, launch or LaunchInfo.from_env())
         if for_training:
             if not self.data.train:
                 raise ConfigError("data.train is required for training")
@@ -271,6 +310,29 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_combinations(config: RunConfig, launch: LaunchInfo) -> None:
+    """Refuse mode combinations that cannot work, saying what to use instead."""
+    quant, method = config.model.quantization, config.training.method
+    if quant != "none" and method != "lora":
+        raise ConfigError(
+            f"model.quantization={quant} needs training.method=lora: a quantised base cannot be fully fine-tuned "
+            "(for full fine-tuning on a small card use DeepSpeed ZeRO with offload, see `python -m toolkit plan`)"
+        )
+    if quant != "none" and launch.deepspeed:
+        raise ConfigError(
+            f"model.quantization={quant} cannot run under {launch.description}: ZeRO partitions 16/32-bit tensors, "
+            "not bitsandbytes' quantised ones. Launch LoRA on a quantised base with launch_configs/1gpu.yaml or "
+            "multi_gpu.yaml (it fits a 16 GB card without ZeRO), or use model.quantization=none with ZeRO"
+        )
+    if config.training.optimizer == "adamw8bit" and launch.deepspeed:
+        raise ConfigError(
+            f"training.optimizer=adamw8bit cannot run under {launch.description}: ZeRO shards (or offloads) the "
+            "optimizer states itself; use training.optimizer=adamw with DeepSpeed"
+        )
+    if quant == "nf4" and config.model.compute_dtype == "float16" and config.training.mixed_precision == "bf16":
+        raise ConfigError("model.compute_dtype=float16 with training.mixed_precision=bf16: use the same 16-bit type for both")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, *, for_training: bool = True) -> RunConfig:
@@ -354,6 +416,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(exc)
         raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
+    if origin is list:
+        if isinstance(value, str):  # `lora.target_modules=q_proj,v_proj` on the command line
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")

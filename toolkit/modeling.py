@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
-from toolkit.config import ConfigError, ModelConfig, TrainingConfig
+from toolkit.adapters import DTYPES, adapter_base, apply_lora, prepare_quantized, quantization_config
+from toolkit.config import ConfigError, LoraConfig, ModelConfig, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +36,8 @@ def language_name(language: str) -> str:
     return LANGUAGES.get(lang, lang) if lang not in TO_LANGUAGE_CODE else lang
 
 
-def load_processor(model_cfg: ModelConfig, *, english_only: bool) -> WhisperProcessor:
-    source = model_cfg.name_or_path
+def load_processor(model_cfg: ModelConfig, *, english_only: bool, source: str | None = None) -> WhisperProcessor:
+    source = source or model_cfg.name_or_path
     try:
         processor = WhisperProcessor.from_pretrained(source)
     except (OSError, ValueError) as exc:
@@ -68,18 +70,46 @@ def check_language(model_cfg: ModelConfig, english_only: bool) -> None:
         )
 
 
+def load_dtype(model_cfg: ModelConfig, device: torch.device | str | None) -> torch.dtype:
+    """Weights dtype at load: fp32 master weights, except that a quantised base's remaining layers
+    run at the compute dtype on a GPU (bitsandbytes' int8 kernels want 16-bit inputs there)."""
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    if model_cfg.quantization != "none" and on_gpu:
+        return DTYPES[model_cfg.compute_dtype]
+    return torch.float32
+
+
 def load_model(
-    model_cfg: ModelConfig, training_cfg: TrainingConfig | None = None, *, dtype: torch.dtype = torch.float32
+    model_cfg: ModelConfig,
+    training_cfg: TrainingConfig | None = None,
+    *,
+    lora_cfg: LoraConfig | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> LoadedModel:
-    """Load model and processor; with ``training_cfg``, also apply the training-time options."""
+    """Load model and processor; with ``training_cfg``, also apply the training-time options.
+
+    ``model_cfg.name_or_path`` may also be a LoRA adapter directory (``final/adapter``): its base is
+    loaded (quantised as ``model.quantization`` says) and the adapter applied on top.
+    """
     source = model_cfg.name_or_path
+    adapter = adapter_base(Path(source)) if Path(source).is_dir() else None
+    base = adapter or source
+    kwargs: dict[str, Any] = {"dtype": dtype or load_dtype(model_cfg, device)}
+    quant = quantization_config(model_cfg)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": str(device or "cpu")})
     try:
-        model = WhisperForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        model = WhisperForConditionalGeneration.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load Whisper checkpoint {source!r}: {exc}") from exc
+        raise ModelLoadError(f"could not load Whisper checkpoint {base!r}: {exc}") from exc
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source)
     english_only = is_english_only(model)
     check_language(model_cfg, english_only)
-    processor = load_processor(model_cfg, english_only=english_only)
+    processor = load_processor(model_cfg, english_only=english_only, source=source if _has_processor(source) else base)
     language = None if english_only else language_name(model_cfg.language or "")
 
     gen = model.generation_config
@@ -91,13 +121,21 @@ def load_model(
         gen.language = language
         gen.task = model_cfg.task
     if training_cfg is not None:
-        configure_for_training(model, model_cfg, training_cfg)
+        model = configure_for_training(model, model_cfg, training_cfg, lora_cfg or LoraConfig())
     return LoadedModel(model, processor, language, english=english_only or language == "english")
 
 
+def _has_processor(path: str) -> bool:
+    directory = Path(path)
+    return directory.is_dir() and any(
+        (directory / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")
+    )
+
+
 def configure_for_training(
-    model: WhisperForConditionalGeneration, model_cfg: ModelConfig, training_cfg: TrainingConfig
-) -> None:
+    model: WhisperForConditionalGeneration, model_cfg: ModelConfig, training_cfg: TrainingConfig, lora_cfg: LoraConfig
+) -> Any:
+    """Apply the training options; returns the model to train (a PEFT wrapper for LoRA)."""
     # The KV cache is useless with teacher forcing and conflicts with gradient checkpointing;
     # generation turns it back on per call (see toolkit.evaluation.generate).
     model.config.use_cache = False
@@ -105,52 +143,17 @@ def configure_for_training(
     if model_cfg.spec_augment:
         model.config.mask_time_prob = model_cfg.mask_time_prob
         model.config.mask_feature_prob = model_cfg.mask_feature_prob
+    if model_cfg.quantization != "none":
+        model = prepare_quantized(model, training_cfg.gradient_checkpointing)
+    elif training_cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if training_cfg.method == "lora":
+        return apply_lora(model, lora_cfg, freeze_encoder=model_cfg.freeze_encoder)
     if model_cfg.freeze_encoder:
         model.freeze_encoder()
-    if training_cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
-
-
-def tiny_random_whisper(path: str, *, english_only: bool = True, seed: int = 0, base: str | None = None) -> Any:
-    """Write a tiny randomly initialised Whisper (for tests and smoke runs) with ``base``'s processor.
-
-    The tokenizer must be a real Whisper tokenizer: ``base`` is a local Whisper directory to take it from.
-    """
-    from transformers import WhisperConfig
-
-    if base is None:
-        raise ValueError("tiny_random_whisper needs base= a local Whisper directory for the processor")
-    processor = WhisperProcessor.from_pretrained(base)
-    base_model_cfg = WhisperConfig.from_pretrained(base)
-    config = WhisperConfig(
-        vocab_size=base_model_cfg.vocab_size,
-        num_mel_bins=80,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        max_source_positions=1500,
-        max_target_positions=448,
-        pad_token_id=base_model_cfg.pad_token_id,
-        bos_token_id=base_model_cfg.bos_token_id,
-        eos_token_id=base_model_cfg.eos_token_id,
-        decoder_start_token_id=base_model_cfg.decoder_start_token_id,
-        suppress_tokens=base_model_cfg.suppress_tokens,
-        begin_suppress_tokens=base_model_cfg.begin_suppress_tokens,
-    )
-    torch.manual_seed(seed)
-    model = WhisperForConditionalGeneration(config)
-    from transformers import GenerationConfig
-
-    model.generation_config = GenerationConfig.from_pretrained(base)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return model

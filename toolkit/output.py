@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from toolkit.adapters import ADAPTER_DIR, export_merged, is_peft
 from toolkit.config import RunConfig, dump_config
 from toolkit.data.preprocess import Skip
 
@@ -31,20 +32,44 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def export_model(model: Any, processor: Any, target: Path, config: RunConfig, results: dict[str, Any]) -> None:
-    """Save a plain transformers model + processor that ``pipeline("automatic-speech-recognition")`` loads."""
+def export_model(
+    model: Any,
+    processor: Any,
+    target: Path,
+    config: RunConfig,
+    results: dict[str, Any],
+    state_dict: dict[str, Any] | None = None,
+) -> None:
+    """Save a plain transformers model + processor that ``pipeline("automatic-speech-recognition")`` loads.
+
+    A LoRA model is saved as its adapter in ``target/adapter`` (with the processor, so the
+    directory evaluates on its own) and, with ``output.merge_lora``, merged into ``target``.
+    ``state_dict`` is the full state gathered from all ranks (ZeRO-3), when the model's own is partitioned.
+    """
     target.mkdir(parents=True, exist_ok=True)
-    model.config.use_cache = True
-    if getattr(model, "is_activation_checkpointing", False):
-        model.activation_checkpointing_disable()
-    model.save_pretrained(str(target), safe_serialization=True)
+    if is_peft(model):
+        adapter_dir = target / ADAPTER_DIR
+        model.save_pretrained(str(adapter_dir))
+        processor.save_pretrained(str(adapter_dir))
+        _save_spelling_map(processor, adapter_dir)
+        if config.output.merge_lora:
+            export_merged(adapter_dir, config.model.name_or_path, target)
+    else:
+        model.config.use_cache = True
+        if getattr(model, "is_activation_checkpointing", False):
+            model.activation_checkpointing_disable()
+        model.save_pretrained(str(target), safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(str(target))
+    _save_spelling_map(processor, target)
+    (target / "README.md").write_text(model_card(config, results))
+
+
+def _save_spelling_map(processor: Any, target: Path) -> None:
     # transformers 5 does not save the English spelling map; without it the reloaded model's
     # normalised WER differs from the one measured during training.
     spelling = getattr(processor.tokenizer, "english_spelling_normalizer", None)
     if spelling:
         (target / "normalizer.json").write_text(json.dumps(spelling, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    (target / "README.md").write_text(model_card(config, results))
 
 
 def model_card(config: RunConfig, results: dict[str, Any]) -> str:

@@ -55,6 +55,10 @@ def tiny_tokenizer() -> WhisperTokenizer:
     return tokenizer
 
 
+def vocab_size_of(tokenizer: WhisperTokenizer) -> int:
+    return len(tokenizer)
+
+
 def make_tiny_whisper(path: str | Path, *, multilingual: bool = False, seed: int = 0, d_model: int = 64) -> Path:
     """Write a tiny random Whisper (model, processor, generation config) to ``path`` and return it."""
     path = Path(path)
@@ -89,7 +93,9 @@ def make_tiny_whisper(path: str | Path, *, multilingual: bool = False, seed: int
         pad_token_id=eot,
         max_length=448,
         begin_suppress_tokens=[space, eot],
-        suppress_tokens=[],
+        # A random model would mostly emit timestamps and prompt tokens, which decode to "": keep
+        # them out so that predictions are real text and eval comparisons in tests mean something.
+        suppress_tokens=[ids[t] for t in special_tokens()[1:]] + [vocab_size_of(tokenizer) - 1501 + i for i in range(1501)],
         is_multilingual=multilingual,
         lang_to_id={f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES},
         task_to_id={"translate": ids["<|translate|>"], "transcribe": ids["<|transcribe|>"]},

@@ -76,7 +76,8 @@ def evaluate_model(
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    param = next(model.parameters())
+    # The first floating-point weight gives device and compute dtype (a quantised base also holds int8).
+    param = next(p for p in model.parameters() if p.is_floating_point())
     device, dtype = param.device, param.dtype
     gen_config = generation_config_for(model, max_new_tokens=max_new_tokens, num_beams=num_beams)
 

@@ -40,8 +40,9 @@ def run_evaluate(
 ) -> dict[str, Any]:
     """Evaluate on ``data.eval`` across all launched processes; every rank returns the same metrics."""
     state = PartialState()
-    loaded = load_model(model_cfg, dtype=resolve_dtype(dtype, state.device))
-    model = loaded.model.to(state.device)
+    loaded = load_model(model_cfg, dtype=resolve_dtype(dtype, state.device), device=state.device)
+    # A quantised base is placed at load time (device_map); bitsandbytes' modules must not be moved.
+    model = loaded.model if model_cfg.quantization != "none" else loaded.model.to(state.device)
     tokenizer = loaded.processor.tokenizer
     split = load_split("eval", data_cfg, tokenizer=None)
     collator = WhisperCollator(loaded.processor.feature_extractor, model.config.decoder_start_token_id)

@@ -4,7 +4,9 @@ One optimizer step = this rank's micro-batches of that step (see :mod:`toolkit.t
 The loss is the sum of token losses divided by the label tokens of the *whole global step*, so the
 gradient is the same however the step is split into micro-batches and processes: the token-level
 mean of the global batch (Trainer's per-micro-batch mean is not). DDP averages gradients over
-ranks, hence the factor ``world_size``.
+ranks, hence the factor ``world_size``. Under DeepSpeed ZeRO the same loss and the same gradient
+result; what differs (auto config, backward/step, clipping, ZeRO-3 eval and export) is in
+:mod:`toolkit.training.zero`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
+from toolkit.adapters import AdapterCheckpointHooks
 from toolkit.config import ConfigError, RunConfig, dump_config
 from toolkit.data.collator import IGNORE_INDEX, Batch, WhisperCollator
 from toolkit.data.pipeline import LoadedSplit, load_split
@@ -39,6 +42,7 @@ from toolkit.evaluation.generate import evaluate_model
 from toolkit.evaluation.normalize import make_normalizer
 from toolkit.modeling import LoadedModel, load_model, trainable_parameters
 from toolkit.output import export_model, push_to_hub, write_json, write_skipped
+from toolkit.training import zero
 from toolkit.training.batching import BatchPlan, StepBatchSampler, StepSampler
 from toolkit.training.checkpoint import CheckpointManager, TrainState
 from toolkit.training.metrics import MetricsLogger, peak_memory_gib
@@ -131,7 +135,9 @@ class TrainingRun:
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(dump_config(config))
-        self.loaded: LoadedModel = load_model(config.model, config.training)
+        self.loaded: LoadedModel = load_model(
+            config.model, config.training, lora_cfg=config.lora, device=self.accelerator.device
+        )
         self.data = self._load_data()
         self.plan = BatchPlan.create(
             config.training.global_batch_size, config.training.micro_batch_size, self.accelerator.num_processes
@@ -145,8 +151,19 @@ class TrainingRun:
         self.start_id = model.config.decoder_start_token_id
         optimizer = build_optimizer(model, config.training, self.accelerator.device)
         self.scheduler = build_scheduler(optimizer, config.training)
+        self.deepspeed = zero.is_deepspeed(self.accelerator)
+        if self.deepspeed:
+            zero.fill_config(self.accelerator, self.plan, config.training)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.zero_stage = zero.zero_stage(self.accelerator)
+        self.input_dtype = zero.compute_dtype(self.accelerator)
+        if self.deepspeed:
+            self.scheduler = zero.ensure_scheduler_drives(
+                self.scheduler, self.optimizer, lambda inner: build_scheduler(inner, config.training)
+            )
         self.accelerator.register_for_checkpointing(self.scheduler)
+        if config.training.method == "lora":
+            AdapterCheckpointHooks(self.accelerator).register()
         self.checkpoints = CheckpointManager(self.out / "checkpoints", config.output.keep_checkpoints, self.accelerator)
         self.state = TrainState()
         self.sampler = StepSampler(len(self.data.train.dataset), self.plan, config.training.seed, self.accelerator.process_index)
@@ -195,8 +212,14 @@ class TrainingRun:
         scale = self.accelerator.num_processes / step_tokens
         total = torch.zeros((), device=self.accelerator.device)
         for micro in range(self.plan.accumulation):
-            batch = next(batches).to(self.accelerator.device)
+            batch = next(batches).to(self.accelerator.device, self.input_dtype)
             last = micro == self.plan.accumulation - 1
+            if self.deepspeed:
+                # The engine reduces, clips and steps (once) inside the last micro-batch's backward.
+                summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
+                zero.backward(self.accelerator, summed * scale, last)
+                total += summed.detach()
+                continue
             # Gradients are all-reduced once, on the step's last micro-batch.
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
             with sync:
@@ -204,7 +227,9 @@ class TrainingRun:
                 self.accelerator.backward(summed * scale)
             total += summed.detach()
         grad_norm = None
-        if self.config.training.max_grad_norm is not None:
+        if self.deepspeed:
+            grad_norm = zero.grad_norm(self.accelerator)
+        elif self.config.training.max_grad_norm is not None:
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.training.max_grad_norm)
             grad_norm = float(norm) if norm is not None else None
         self.optimizer.step()
@@ -223,6 +248,7 @@ class TrainingRun:
             self.loaded.processor.tokenizer, self.normalize, batch_size=eval_cfg.batch_size,
             max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
             num_workers=self.config.data.num_workers, autocast=self.accelerator.autocast,
+            synced_gpus=self.zero_stage == 3,  # ZeRO-3: every forward gathers parameters from all ranks
         )
         return result.metrics
 
@@ -320,9 +346,14 @@ class TrainingRun:
             "final_model": self.config.output.final_model,
         }
         acc.wait_for_everyone()
+        # Under ZeRO-3 the module's own parameters are partitioned: gather the full state (a
+        # collective, so on every rank; rank 0 receives it). ZeRO-2 and DDP save the module as is.
+        state_dict = acc.get_state_dict(self.model) if self.zero_stage == 3 else None
         if acc.is_main_process:
             final_dir = self.out / "final"
-            export_model(acc.unwrap_model(self.model), self.loaded.processor, final_dir, self.config, results)
+            export_model(
+                acc.unwrap_model(self.model), self.loaded.processor, final_dir, self.config, results, state_dict=state_dict
+            )
             if self.config.output.push_to_hub:
                 results["hub_url"] = push_to_hub(final_dir, self.config.output.hub_model_id or "", self.config.output.hub_private)
             write_json(self.out / "results.json", results)

@@ -1,0 +1,55 @@
+"""What the launcher asked for (world size, DeepSpeed stage and offload), read before any process group.
+
+``accelerate launch`` passes its configuration to the processes in ``ACCELERATE_*`` variables; the
+DeepSpeed stage lives either there or in the DeepSpeed JSON the launch config points to. Recipe
+validation uses this to refuse combinations that cannot work (a quantised base under ZeRO) at
+load time, with a message, instead of deep inside DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    world_size: int = 1
+    deepspeed: bool = False
+    zero_stage: int | None = None
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @property
+    def description(self) -> str:
+        if not self.deepspeed:
+            return "DDP" if self.world_size > 1 else "a single process"
+        offload = [name for name, on in (("optimizer", self.offload_optimizer), ("parameters", self.offload_params)) if on]
+        return f"DeepSpeed ZeRO-{self.zero_stage}" + (f" with {' and '.join(offload)} offload" if offload else "")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LaunchInfo:
+        env = os.environ if env is None else env
+        world = int(env.get("WORLD_SIZE", "1"))
+        if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+            return cls(world_size=world)
+        ds: dict = {}
+        config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if config_file and config_file != "none" and Path(config_file).is_file():
+            ds = json.loads(Path(config_file).read_text()).get("zero_optimization", {})
+        stage = ds.get("stage", env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"))
+
+        def offloaded(key: str, env_key: str) -> bool:
+            device = (ds.get(key) or {}).get("device", env.get(env_key, "none"))
+            return str(device).lower() not in ("none", "")
+
+        return cls(
+            world_size=world,
+            deepspeed=True,
+            zero_stage=int(stage) if stage not in (None, "", "auto") else None,
+            offload_optimizer=offloaded("offload_optimizer", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"),
+            offload_params=offloaded("offload_param", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"),
+        )
