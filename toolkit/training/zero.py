@@ -1,0 +1,153 @@
+"""DeepSpeed ZeRO-2/3 (and CPU offload) under the toolkit's own loop.
+
+Launched with ``launch_configs/ds_*.yaml``, accelerate wraps the model in a DeepSpeed engine. The
+loop stays the same; this module holds what differs (checked with accelerate 1.15, DeepSpeed 0.19):
+
+* **"auto" values.** accelerate fills ``train_micro_batch_size_per_gpu`` from a *prepared train
+  DataLoader*; the loop prepares none (its sampler is step-addressed), so :func:`fill_config` writes
+  micro-batch, accumulation, ``train_batch_size`` (= global batch) and ``gradient_clipping`` from the
+  recipe's :class:`~toolkit.training.batching.BatchPlan` into the plugin's config before ``prepare``.
+  ``fp16``/``bf16.enabled`` are filled by accelerate itself from ``Accelerator(mixed_precision=...)``,
+  i.e. the recipe. A number written into the JSON that disagrees with the recipe is a ConfigError.
+* **Backward and step.** ``engine.backward`` divides the loss by ``gradient_accumulation_steps``
+  (our loss is already normalised over the whole global step, see ``loop.py``), and accelerate's
+  ``accelerator.backward`` calls ``engine.step()`` whenever ``sync_gradients`` is true, which it
+  always is outside ``accelerator.accumulate``. :func:`backward` therefore passes
+  ``scale_wrt_gas=False`` and marks only the step's last micro-batch as the accumulation boundary:
+  DeepSpeed then reduces (ZeRO-2/3 average over ranks as DDP does), clips, steps the optimizer and
+  zeroes the gradients exactly once per global step, inside that last backward. The optimizer
+  wrapper's ``step``/``zero_grad`` are no-ops under DeepSpeed.
+* **Clipping.** DeepSpeed clips inside ``engine.step()`` (``gradient_clipping``, 0 = off);
+  ``accelerator.clip_grad_norm_`` only returns ``engine.get_global_grad_norm()``, the pre-clip norm
+  of the last step, which is what :func:`grad_norm` reports.
+* **Scheduler.** The toolkit's LambdaLR is never given to ``prepare``, so DeepSpeed does not own or
+  step it. The engine's optimizer uses the very ``param_groups`` dicts the scheduler writes ``lr``
+  into (ZeRO wraps the torch optimizer; with optimizer offload accelerate swaps torch AdamW for
+  ``DeepSpeedCPUAdam(adamw_mode=True)`` built from the same groups, so lr, betas, eps and weight
+  decay carry over). :func:`ensure_scheduler_drives` checks that and rebinds otherwise.
+* **Checkpoints.** ``save_state`` makes every rank write DeepSpeed's own shards
+  (``pytorch_model/``: module states, one optimizer partition per rank) into the directory it is
+  given, so the temp-dir-then-rename of ``checkpoint.py`` works unchanged; ``load_state`` reads them
+  back with ``engine.load_checkpoint``.
+* **ZeRO-3.** The parameters of the unwrapped module are partitioned (empty locally); its forward
+  hooks gather them, so ``generate`` works on it, but every rank must take part in every forward:
+  evaluation uses ``synced_gpus=True``. The final export gathers the full weights with
+  ``accelerator.get_state_dict`` (a collective: ``stage3_gather_16bit_weights_on_model_save`` must
+  be true, as in ``launch_configs/deepspeed/zero3*.json``); only rank 0 receives them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from toolkit.config import ConfigError, TrainingConfig
+from toolkit.training.batching import BatchPlan
+
+logger = logging.getLogger(__name__)
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator: Accelerator) -> int | None:
+    """The ZeRO stage of a DeepSpeed run, None without DeepSpeed."""
+    if not is_deepspeed(accelerator):
+        return None
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def fill_config(accelerator: Accelerator, plan: BatchPlan, cfg: TrainingConfig) -> dict[str, Any]:
+    """Replace the recipe-dependent "auto" entries of the DeepSpeed config; call before ``prepare``."""
+    plugin = accelerator.state.deepspeed_plugin
+    config = plugin.deepspeed_config
+    values: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.accumulation,
+        "train_batch_size": plan.global_batch_size,
+        "gradient_clipping": float(cfg.max_grad_norm) if cfg.max_grad_norm else 0.0,
+    }
+    recipe_key = {
+        "train_micro_batch_size_per_gpu": "training.micro_batch_size",
+        "gradient_accumulation_steps": "training.global_batch_size / micro_batch_size / processes",
+        "train_batch_size": "training.global_batch_size",
+        "gradient_clipping": "training.max_grad_norm",
+    }
+    for key, value in values.items():
+        current = config.get(key, "auto")
+        if current == "auto":
+            config[key] = value
+        elif float(current) != float(value):
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}={current} but the recipe gives {value} ({recipe_key[key]}); "
+                f'write "auto" for {key} in the DeepSpeed JSON: the recipe decides'
+            )
+    # accelerate otherwise warns that its own accumulation (1: the loop does not use accumulate())
+    # differs from DeepSpeed's; the value only matters to accelerator.accumulate().
+    accelerator.gradient_accumulation_steps = plan.accumulation
+    if accelerator.mixed_precision != cfg.mixed_precision:
+        raise ConfigError(
+            f"the DeepSpeed config enables {accelerator.mixed_precision} but training.mixed_precision is "
+            f'{cfg.mixed_precision}; write "auto" for fp16/bf16 "enabled" in the DeepSpeed JSON'
+        )
+    return values
+
+
+def full_weights_at_load(accelerator: Accelerator) -> contextlib.AbstractContextManager:
+    """Load the checkpoint whole on every rank; DeepSpeed partitions it in ``prepare``.
+
+    ``zero3_init_flag`` (``deepspeed.zero.Init``: parameters partitioned while ``from_pretrained``
+    builds the model) breaks Whisper in transformers 5: Whisper's ``_init_weights`` calls
+    ``sinusoids(*embed_positions.weight.shape)`` on the partitioned, empty weight (TypeError). A
+    whole Whisper (1.55 B parameters at most, 6.2 GB in fp32) fits in host memory per process.
+    """
+    plugin = accelerator.state.deepspeed_plugin if is_deepspeed(accelerator) else None
+    if plugin is None or not plugin.is_zero3_init_enabled():
+        return contextlib.nullcontext()
+    logger.info("zero3_init_flag ignored: the model is loaded whole and partitioned by DeepSpeed at prepare()")
+    return plugin.zero3_init_context_manager(enable=False)
+
+
+def compute_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """DeepSpeed casts the whole model to fp16/bf16 (no autocast): inputs must be cast to match."""
+    if not is_deepspeed(accelerator):
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision)
+
+
+def backward(accelerator: Accelerator, loss: torch.Tensor, last: bool) -> None:
+    """One micro-batch's backward; the step's ``last`` one also reduces, clips and steps (see above)."""
+    accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last, scale_wrt_gas=False)
+
+
+def grad_norm(accelerator: Accelerator) -> float | None:
+    """Global gradient norm (before clipping) of the optimizer step just taken."""
+    norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that finally applies the update (under accelerate's and ZeRO's wrappers)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def ensure_scheduler_drives(scheduler: Any, optimizer: Any, rebuild: Any) -> Any:
+    """Return a scheduler that sets lr on the param groups the engine's optimizer actually reads.
+
+    ``rebuild(optimizer)`` makes a fresh scheduler; it is only called if DeepSpeed ever stops
+    sharing the param-group dicts (not the case with DeepSpeed 0.19, any stage, with or without offload).
+    """
+    inner = innermost_optimizer(optimizer)
+    groups = scheduler.optimizer.param_groups
+    if len(groups) == len(inner.param_groups) and all(a is b for a, b in zip(groups, inner.param_groups, strict=True)):
+        return scheduler
+    logger.warning("DeepSpeed's optimizer has its own param groups; rebuilding the lr schedule on them")
+    return rebuild(inner)
