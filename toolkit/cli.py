@@ -1,4 +1,4 @@
-"""Command line: ``python -m toolkit {train,evaluate,bench,synth}`` (also ``whisper-toolkit``).
+"""Command line: ``python -m toolkit {train,evaluate,bench,synth,plan}`` (also ``whisper-toolkit``).
 
 Every command runs alone or under ``accelerate launch``; the launch decides the world size.
 """
@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="espeak-ng processes at once")
     synth.add_argument("--overwrite", action="store_true", help="replace existing train/ and dev/ splits")
+
+    plan = sub.add_parser("plan", help="estimate peak GPU memory per training mode; recommend the fastest that fits")
+    from toolkit.plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(plan)
     return parser
 
 
@@ -128,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite, progress=progress,
             )
             print(json.dumps(summary), flush=True)
+        elif args.command == "plan":
+            from toolkit import plan
+
+            return plan.run_cli(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

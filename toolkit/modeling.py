@@ -70,11 +70,12 @@ def check_language(model_cfg: ModelConfig, english_only: bool) -> None:
         )
 
 
-def load_dtype(model_cfg: ModelConfig, device: torch.device | str | None) -> torch.dtype:
-    """Weights dtype at load: fp32 master weights, except that a quantised base's remaining layers
-    run at the compute dtype on a GPU (bitsandbytes' int8 kernels want 16-bit inputs there)."""
+def load_dtype(model_cfg: ModelConfig, device: torch.device | str | None, *, frozen_base: bool = False) -> torch.dtype:
+    """Weights dtype at load: fp32 master weights for what trains. On a GPU, a base that does not
+    train (LoRA) or is quantised loads at the compute dtype: it needs no fp32 master copy, and
+    bitsandbytes' int8 kernels want 16-bit inputs. On CPU everything stays fp32."""
     on_gpu = device is not None and torch.device(device).type == "cuda"
-    if model_cfg.quantization != "none" and on_gpu:
+    if on_gpu and (frozen_base or model_cfg.quantization != "none"):
         return DTYPES[model_cfg.compute_dtype]
     return torch.float32
 
@@ -95,7 +96,8 @@ def load_model(
     source = model_cfg.name_or_path
     adapter = adapter_base(Path(source)) if Path(source).is_dir() else None
     base = adapter or source
-    kwargs: dict[str, Any] = {"dtype": dtype or load_dtype(model_cfg, device)}
+    frozen = training_cfg is not None and training_cfg.method == "lora"
+    kwargs: dict[str, Any] = {"dtype": dtype or load_dtype(model_cfg, device, frozen_base=frozen)}
     quant = quantization_config(model_cfg)
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": str(device or "cpu")})
