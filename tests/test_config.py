@@ -121,6 +121,7 @@ def test_cli_reports_config_error_in_one_line(tmp_path: Path) -> None:
         (["model.quantization=int8", "training.method=lora"], LaunchInfo(2, True, 2, offload_optimizer=True),
          "cannot run under DeepSpeed ZeRO-2 with optimizer offload"),
         (["training.optimizer=adamw8bit"], LaunchInfo(2, True, 2), "use training.optimizer=adamw with DeepSpeed"),
+        (["training.method=lora"], LaunchInfo(2, True, 3), "training.method=lora cannot run under DeepSpeed ZeRO-3"),
     ],
 )
 def test_impossible_mode_combinations_are_refused(tmp_path: Path, overrides: list[str], launch: LaunchInfo, message: str) -> None:

@@ -2,7 +2,8 @@
 
 The world size each config must produce is asserted from results.json: on a machine without a
 GPU, a wrongly written config silently runs ONE process instead of failing.
-DeepSpeed configs are covered by their own tests and skipped here.
+DeepSpeed configs (ds_*.yaml) get their header and JSON checked here; each one trains (and is
+compared with DDP) in tests/training/test_deepspeed.py, so they are not trained a second time here.
 """
 
 from __future__ import annotations
@@ -141,8 +142,6 @@ def test_launch_configs_exist() -> None:
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
 def test_launch_config_has_no_hyperparameters(path: Path) -> None:
-    if is_deepspeed(path):
-        pytest.skip("DeepSpeed config: covered by the DeepSpeed tests")
     config = load(path)
     # 'no' must be a string: a bare `no` in YAML is False, which accelerate rejects.
     assert config.get("mixed_precision", "no") == "no", "mixed precision belongs in the recipe (training.mixed_precision)"
@@ -151,10 +150,38 @@ def test_launch_config_has_no_hyperparameters(path: Path) -> None:
     assert f"accelerate launch --config_file launch_configs/{path.name}" in path.read_text(), "header must show the command"
 
 
+DS_FILES = [p for p in CONFIG_FILES if is_deepspeed(p)]
+RECIPE_DECIDES = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+@pytest.mark.parametrize("path", DS_FILES, ids=lambda p: p.name)
+def test_deepspeed_config_leaves_the_recipe_in_charge(path: Path) -> None:
+    """ds_NAME.yaml points to deepspeed/NAME.json, whose recipe-dependent values are all "auto"."""
+    config = load(path)
+    assert config["distributed_type"] == "DEEPSPEED"
+    # accelerate refuses a launch-config mixed_precision next to a deepspeed_config_file
+    assert "mixed_precision" not in config
+    ds_file = config["deepspeed_config"]["deepspeed_config_file"]
+    assert ds_file == f"launch_configs/deepspeed/{path.stem.removeprefix('ds_')}.json"
+    ds = json.loads((REPO / ds_file).read_text())
+    for key in RECIPE_DECIDES:
+        assert ds[key] == "auto", key
+    assert ds["fp16"]["enabled"] == "auto" and ds["bf16"]["enabled"] == "auto"
+    assert "optimizer" not in ds and "scheduler" not in ds  # the toolkit's AdamW and lr schedule
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == int(path.stem.split("zero")[1][0])
+    if zero["stage"] == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # final/ gets full weights
+    offload = "offload" in path.stem
+    assert (zero.get("offload_optimizer", {}).get("device") == "cpu") == offload
+    assert (zero.get("offload_param", {}).get("device") == "cpu") == (offload and zero["stage"] == 3)
+    assert f"DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 accelerate launch --config_file launch_configs/{path.name}" in path.read_text()
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
 def test_launch_config_trains(path: Path, tiny_run: dict[str, Path]) -> None:
     if is_deepspeed(path):
-        pytest.skip("DeepSpeed config: covered by the DeepSpeed tests")
+        pytest.skip("DeepSpeed config: trained and compared with DDP in tests/training/test_deepspeed.py")
     config = load(path)
     kind = str(config.get("distributed_type", "NO"))
     machines = int(config.get("num_machines", 1))

@@ -326,6 +326,12 @@ def check_combinations(config: RunConfig, launch: LaunchInfo) -> None:
             "not bitsandbytes' quantised ones. Launch LoRA on a quantised base with launch_configs/1gpu.yaml or "
             "multi_gpu.yaml (it fits a 16 GB card without ZeRO), or use model.quantization=none with ZeRO"
         )
+    if method == "lora" and launch.deepspeed:
+        raise ConfigError(
+            f"training.method=lora cannot run under {launch.description}: adapters are a few MB, there is "
+            "nothing for ZeRO to shard, and adapter checkpoints assume an unpartitioned model. Launch LoRA with "
+            "launch_configs/1gpu.yaml or multi_gpu.yaml"
+        )
     if config.training.optimizer == "adamw8bit" and launch.deepspeed:
         raise ConfigError(
             f"training.optimizer=adamw8bit cannot run under {launch.description}: ZeRO shards (or offloads) the "

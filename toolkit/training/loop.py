@@ -135,9 +135,10 @@ class TrainingRun:
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(dump_config(config))
-        self.loaded: LoadedModel = load_model(
-            config.model, config.training, lora_cfg=config.lora, device=self.accelerator.device
-        )
+        with zero.full_weights_at_load(self.accelerator):
+            self.loaded: LoadedModel = load_model(
+                config.model, config.training, lora_cfg=config.lora, device=self.accelerator.device
+            )
         self.data = self._load_data()
         self.plan = BatchPlan.create(
             config.training.global_batch_size, config.training.micro_batch_size, self.accelerator.num_processes
@@ -151,6 +152,8 @@ class TrainingRun:
         self.start_id = model.config.decoder_start_token_id
         optimizer = build_optimizer(model, config.training, self.accelerator.device)
         self.scheduler = build_scheduler(optimizer, config.training)
+        # Counted before prepare: ZeRO-3 leaves each rank only its partition of every parameter.
+        self.param_counts = trainable_parameters(model)
         self.deepspeed = zero.is_deepspeed(self.accelerator)
         if self.deepspeed:
             zero.fill_config(self.accelerator, self.plan, config.training)
@@ -186,6 +189,7 @@ class TrainingRun:
         latest = self.checkpoints.latest()
         if latest is None:
             return
+        zero.check_resumable(self.accelerator, latest)
         self.accelerator.load_state(str(latest))
         self.state = TrainState.load(latest)
         logger.info("resumed from %s at step %d", latest, self.state.step)
@@ -260,7 +264,7 @@ class TrainingRun:
         self.state.micro_batch_size = self.plan.micro_batch_size
         self.state.gradient_accumulation_steps = self.plan.accumulation
         metrics = MetricsLogger(self.out, acc.is_main_process, resume_step=self.state.step)
-        trainable, total_params = trainable_parameters(self.model)
+        trainable, total_params = self.param_counts
         logger.info(
             "%s | %d training samples | %d steps (%.2f epochs) | %.1fM of %.1fM parameters trainable",
             self.plan.describe(), len(self.data.train.dataset), cfg.max_steps, self.sampler.epoch_of(cfg.max_steps),

@@ -21,14 +21,16 @@ loop stays the same; this module holds what differs (checked with accelerate 1.1
   ``accelerator.clip_grad_norm_`` only returns ``engine.get_global_grad_norm()``, the pre-clip norm
   of the last step, which is what :func:`grad_norm` reports.
 * **Scheduler.** The toolkit's LambdaLR is never given to ``prepare``, so DeepSpeed does not own or
-  step it. The engine's optimizer uses the very ``param_groups`` dicts the scheduler writes ``lr``
-  into (ZeRO wraps the torch optimizer; with optimizer offload accelerate swaps torch AdamW for
-  ``DeepSpeedCPUAdam(adamw_mode=True)`` built from the same groups, so lr, betas, eps and weight
-  decay carry over). :func:`ensure_scheduler_drives` checks that and rebinds otherwise.
+  step it; the loop steps it once per optimizer step, as under DDP. ZeRO wraps the torch AdamW and
+  steps it, so the schedule reaches it directly. With optimizer offload accelerate swaps the AdamW
+  for ``DeepSpeedCPUAdam(adamw_mode=True)`` built from the same param groups (lr, betas, eps and
+  weight decay carry over); :func:`ensure_scheduler_drives` moves the schedule onto that optimizer.
 * **Checkpoints.** ``save_state`` makes every rank write DeepSpeed's own shards
   (``pytorch_model/``: module states, one optimizer partition per rank) into the directory it is
   given, so the temp-dir-then-rename of ``checkpoint.py`` works unchanged; ``load_state`` reads them
-  back with ``engine.load_checkpoint``.
+  back with ``engine.load_checkpoint`` (ZeRO-3 with torch AdamW resumes bit for bit; CPU Adam
+  recomputes beta^t with pow() instead of its running product, a last-bit difference). They load
+  only with the same stage and number of processes: :func:`check_resumable` says so up front.
 * **ZeRO-3.** The parameters of the unwrapped module are partitioned (empty locally); its forward
   hooks gather them, so ``generate`` works on it, but every rank must take part in every forward:
   evaluation uses ``synced_gpus=True``. The final export gathers the full weights with
@@ -40,6 +42,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,19 +103,64 @@ def fill_config(accelerator: Accelerator, plan: BatchPlan, cfg: TrainingConfig) 
     return values
 
 
-def full_weights_at_load(accelerator: Accelerator) -> contextlib.AbstractContextManager:
-    """Load the checkpoint whole on every rank; DeepSpeed partitions it in ``prepare``.
+@contextlib.contextmanager
+def full_weights_at_load(accelerator: Accelerator) -> Iterator[None]:
+    """Under ZeRO-3, load the checkpoint whole on every rank; DeepSpeed partitions it in ``prepare``.
 
-    ``zero3_init_flag`` (``deepspeed.zero.Init``: parameters partitioned while ``from_pretrained``
-    builds the model) breaks Whisper in transformers 5: Whisper's ``_init_weights`` calls
-    ``sinusoids(*embed_positions.weight.shape)`` on the partitioned, empty weight (TypeError). A
-    whole Whisper (1.55 B parameters at most, 6.2 GB in fp32) fits in host memory per process.
+    accelerate 1.15 registers its DeepSpeed config with transformers whatever ``zero3_init_flag``
+    says, and transformers 5 then builds every model inside ``deepspeed.zero.Init`` (parameters
+    partitioned while ``from_pretrained`` runs). That breaks Whisper: its ``_init_weights`` calls
+    ``sinusoids(*embed_positions.weight.shape)`` on the partitioned, empty weight (TypeError). So the
+    registration is lifted while loading and restored after (``generate`` and ``save_pretrained``
+    look at it). A whole Whisper (1.55 B parameters at most, 6.2 GB in fp32) fits in host memory per process.
     """
-    plugin = accelerator.state.deepspeed_plugin if is_deepspeed(accelerator) else None
-    if plugin is None or not plugin.is_zero3_init_enabled():
-        return contextlib.nullcontext()
-    logger.info("zero3_init_flag ignored: the model is loaded whole and partitioned by DeepSpeed at prepare()")
-    return plugin.zero3_init_context_manager(enable=False)
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+CHECKPOINT_SUBDIR = "pytorch_model"
+"""Where ``accelerator.save_state`` has DeepSpeed write the engine's shards inside a checkpoint."""
+
+
+def checkpoint_layout(directory: Path) -> tuple[int | None, int]:
+    """(ZeRO stage, processes) that wrote a checkpoint; (None, 0) for a DDP/single-process one."""
+    shards = directory / CHECKPOINT_SUBDIR
+    if not shards.is_dir():
+        return None, 0
+    ranks = len(list(shards.glob("zero_pp_rank_*_optim_states.pt")))
+    stage = 3 if any(shards.glob("zero_pp_rank_*_model_states.pt")) else 2
+    return stage, ranks
+
+
+def check_resumable(accelerator: Accelerator, directory: Path) -> None:
+    """Refuse, with the fix, a checkpoint this launch cannot load.
+
+    A ZeRO checkpoint holds one optimizer partition per process: DeepSpeed 0.19 loads it only with
+    the same number of processes (and ZeRO-2 and ZeRO-3 shards differ); DDP and DeepSpeed
+    checkpoints are not interchangeable either.
+    """
+    stage, ranks = checkpoint_layout(directory)
+    now = zero_stage(accelerator)
+    fix = "rerun with the launch config and --num_processes that wrote it, or use a new output.dir"
+    if stage is None and now is None:
+        return
+    if stage is None:
+        raise ConfigError(f"{directory} was written without DeepSpeed and cannot be resumed under ZeRO-{now}; {fix}")
+    if now is None:
+        raise ConfigError(f"{directory} holds DeepSpeed ZeRO-{stage} shards and cannot be resumed without DeepSpeed; {fix}")
+    if (stage == 3) != (now == 3) or ranks != accelerator.num_processes:
+        raise ConfigError(
+            f"{directory} was written by ZeRO-{stage} on {ranks} processes; this run is ZeRO-{now} on "
+            f"{accelerator.num_processes}; {fix}"
+        )
 
 
 def compute_dtype(accelerator: Accelerator) -> torch.dtype | None:
@@ -140,14 +189,16 @@ def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def ensure_scheduler_drives(scheduler: Any, optimizer: Any, rebuild: Any) -> Any:
-    """Return a scheduler that sets lr on the param groups the engine's optimizer actually reads.
+    """Return a scheduler bound to the torch optimizer that DeepSpeed steps.
 
-    ``rebuild(optimizer)`` makes a fresh scheduler; it is only called if DeepSpeed ever stops
-    sharing the param-group dicts (not the case with DeepSpeed 0.19, any stage, with or without offload).
+    Without offload that is the toolkit's own AdamW (ZeRO wraps it): nothing to do. With optimizer
+    offload accelerate builds a DeepSpeedCPUAdam from the AdamW's param-group dicts; the two share
+    those dicts only until ``load_state`` (torch's ``Optimizer.load_state_dict`` installs new ones), so
+    a schedule left on the AdamW would stop reaching the optimizer after a resume (the lr would freeze
+    at its checkpointed value). ``rebuild(optimizer)`` makes the same schedule on the right optimizer.
     """
     inner = innermost_optimizer(optimizer)
-    groups = scheduler.optimizer.param_groups
-    if len(groups) == len(inner.param_groups) and all(a is b for a, b in zip(groups, inner.param_groups, strict=True)):
+    if scheduler.optimizer is inner:
         return scheduler
-    logger.warning("DeepSpeed's optimizer has its own param groups; rebuilding the lr schedule on them")
+    logger.info("DeepSpeed applies the update with %s; the lr schedule follows it", type(inner).__name__)
     return rebuild(inner)
