@@ -66,6 +66,14 @@ def test_lora_int8_trains_resumes_and_exports_a_matching_merged_model(
     assert on_int8_base["num_samples"] == 10
     assert (out / "final" / "config.json").is_file() and (out / "final" / "README.md").is_file()
 
+    import soundfile as sf
+    from transformers import pipeline
+
+    asr = pipeline("automatic-speech-recognition", model=str(out / "final"), device="cpu")
+    audio, sr = sf.read(corpus / "dev" / "clip-000.flac", dtype="float32")
+    text = asr({"raw": audio, "sampling_rate": sr}, generate_kwargs={"max_new_tokens": 6})["text"]
+    assert text.strip() == merged_pred[[p["id"] for p in merged_pred].index("clip-000.flac")]["prediction"]
+
 
 @pytest.mark.parametrize("extra", [("model.quantization=nf4", "model.compute_dtype=float32"), ("training.optimizer=adamw8bit",)])
 def test_qlora_and_8bit_adamw_train(tiny_model: Path, corpus: Path, tmp_path: Path, extra: tuple[str, ...]) -> None:
