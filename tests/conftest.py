@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -110,3 +111,51 @@ def last_json_line(text: str) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     raise AssertionError(f"no JSON line in output:\n{text[-2000:]}")
+
+
+TINY_RUN = {
+    "data.num_workers": "0",
+    "training.max_steps": "4",
+    "training.global_batch_size": "8",
+    "training.micro_batch_size": "2",
+    "training.learning_rate": "1e-3",
+    "training.warmup_steps": "0",
+    "training.log_every": "1",
+    "training.save_every": "0",
+    "evaluation.at_start": "false",
+    "evaluation.every_steps": "0",
+    "evaluation.batch_size": "4",
+    "evaluation.max_new_tokens": "6",
+}
+"""A few steps on the tone corpus: global 8 = micro 2 x accumulation over the processes."""
+
+
+def train_args(model: Path, corpus: Path, out: Path, *overrides: str) -> list[str]:
+    """``python -m toolkit train`` arguments for a tiny run on ``corpus/{train,dev}``; later overrides win."""
+    values = {
+        "model.name_or_path": str(model),
+        "data.train": str(corpus / "train"),
+        "data.eval": str(corpus / "dev"),
+        **TINY_RUN,
+        "output.dir": str(out),
+    }
+    for item in overrides:
+        key, _, value = item.partition("=")
+        values[key] = value
+    return ["train", "--config", str(ROOT / "recipes" / "demo.yaml"), *(f"{k}={v}" for k, v in values.items())]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every worker: torch elastic starts workers in sessions of their own,
+    so killing the launcher's process group alone would leave them running."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+    except psutil.NoSuchProcess:
+        return
+    victims = [parent, *parent.children(recursive=True)]
+    for victim in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            victim.kill()
+    psutil.wait_procs(victims, timeout=60)

@@ -9,19 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, launch
+from tests.conftest import launch, train_args
 
 pytestmark = pytest.mark.slow
 
 
 def run(model: Path, corpus: Path, out: Path, micro: int) -> Path:
-    args = [
-        "train", "--config", str(ROOT / "recipes" / "demo.yaml"), f"model.name_or_path={model}",
-        f"data.train={corpus / 'train'}", "data.eval=null", "data.num_workers=0", "training.max_steps=3",
-        "training.global_batch_size=8", f"training.micro_batch_size={micro}", "training.learning_rate=1e-3",
-        "training.warmup_steps=0", "training.log_every=1", "evaluation.every_steps=0", "evaluation.at_start=false",
-        f"output.dir={out}",
-    ]
+    args = train_args(model, corpus, out, "data.eval=null", "training.max_steps=3", f"training.micro_batch_size={micro}")
     assert launch(args, processes=1).returncode == 0
     return out
 

@@ -16,7 +16,6 @@ silently drop DeepSpeed); the world size is asserted from results.json.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT, kill_tree, launch, train_args
 from toolkit.config import ConfigError
 
 LAUNCH_DIR = ROOT / "launch_configs"
@@ -38,31 +37,12 @@ TIMEOUT_S = 300
 STEPS = 6
 
 
-def train_args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train", "--config", str(ROOT / "recipes" / "demo.yaml"), f"model.name_or_path={model}",
-        f"data.train={corpus / 'train'}", f"data.eval={corpus / 'dev'}", "data.num_workers=0",
-        f"training.max_steps={STEPS}", "training.global_batch_size=8", "training.micro_batch_size=2",
-        "training.learning_rate=1e-3", "training.warmup_steps=1", "training.max_grad_norm=1.0",
-        "training.log_every=1", "training.save_every=2",  # fp32: the demo recipe's mixed_precision "no"
-        # 10 eval clips in batches of 4 = 3 batches on 2 ranks: under ZeRO-3 rank 1 runs a filler batch
-        "evaluation.every_steps=3", "evaluation.at_start=false", "evaluation.batch_size=4",
-        "evaluation.max_new_tokens=6", "output.keep_checkpoints=10", f"output.dir={out}", *extra,
-    ]
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    import psutil
-
-    try:
-        parent = psutil.Process(proc.pid)
-    except psutil.NoSuchProcess:
-        return
-    victims = [parent, *parent.children(recursive=True)]
-    for victim in victims:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            victim.kill()
-    psutil.wait_procs(victims, timeout=60)
+def ds_args(model: Path, corpus: Path, out: Path) -> list[str]:
+    # fp32 (the demo recipe's mixed_precision "no"); 10 eval clips in batches of 4 = 3 batches on
+    # 2 ranks: under ZeRO-3 rank 1 runs a filler batch.
+    return train_args(model, corpus, out, f"training.max_steps={STEPS}", "training.warmup_steps=1",
+                      "training.max_grad_norm=1.0", "training.save_every=2", "evaluation.every_steps=3",
+                      "output.keep_checkpoints=10")
 
 
 def ds_launch(config: str, args: list[str], out_log: Path) -> subprocess.CompletedProcess:
@@ -106,7 +86,7 @@ def model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ddp_run(model: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ds-ddp") / "run"
-    result = launch(train_args(model, corpus, out), processes=2, timeout=TIMEOUT_S)
+    result = launch(ds_args(model, corpus, out), processes=2, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["world_size"] == 2
     return out
@@ -122,7 +102,7 @@ class Runs:
     def __call__(self, config: str) -> Path:
         if config not in self.done:
             out = self.root / config
-            result = ds_launch(config, train_args(self.model, self.corpus, out), self.root / f"{config}.log")
+            result = ds_launch(config, ds_args(self.model, self.corpus, out), self.root / f"{config}.log")
             assert result.returncode == 0, f"{config} failed:\n{result.stdout[-3000:]}"
             assert "effective global batch: global batch 8 = micro-batch 2 x accumulation 2 x 2 process(es)" in result.stdout
             self.done[config] = out
@@ -188,7 +168,7 @@ def test_deepspeed_resume_matches_the_unbroken_run(config: str, ds_runs: Runs, t
         shutil.rmtree(broken / "checkpoints" / name)
     shutil.rmtree(broken / "final")
     (broken / "results.json").unlink()
-    args = train_args(ds_runs.model, ds_runs.corpus, broken)
+    args = ds_args(ds_runs.model, ds_runs.corpus, broken)
     result = ds_launch(config, args, tmp_path / "resume.log")
     assert result.returncode == 0, result.stdout[-3000:]
     assert f"resumed from {broken / 'checkpoints' / 'checkpoint-2'} at step 2" in result.stdout

@@ -8,20 +8,17 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, last_json_line, launch
+from tests.conftest import last_json_line, launch, train_args
 
 pytestmark = pytest.mark.slow
 
 
-def train_args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train", "--config", str(ROOT / "recipes" / "demo.yaml"), f"model.name_or_path={model}",
-        f"data.train={corpus / 'train'}", f"data.eval={corpus / 'dev'}", "data.num_workers=0",
-        "training.max_steps=4", "training.global_batch_size=8", "training.micro_batch_size=2",
-        "training.learning_rate=1e-3", "training.warmup_steps=1", "training.log_every=1", "training.save_every=2",
-        "evaluation.every_steps=2", "evaluation.at_start=true", "evaluation.batch_size=3",
-        "evaluation.max_new_tokens=6", f"output.dir={out}", *extra,
-    ]
+E2E = ("training.warmup_steps=1", "training.save_every=2", "evaluation.every_steps=2", "evaluation.at_start=true",
+       "evaluation.batch_size=3")
+
+
+def run_args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return train_args(model, corpus, out, *E2E, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +31,7 @@ def two_process_run(tiny_model: Path, corpus: Path, tmp_path_factory: pytest.Tem
     (train / "metadata.csv").unlink()
     text = (corpus / "train" / "metadata.csv").read_text() + "missing.flac,gone\n"
     (train / "metadata.csv").write_text(text)
-    args = train_args(tiny_model, corpus, out)
-    args[args.index(f"data.train={corpus / 'train'}")] = f"data.train={train}"
+    args = run_args(tiny_model, corpus, out, f"data.train={train}")
     result = launch(args, processes=2, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective global batch: global batch 8 = micro-batch 2 x accumulation 2 x 2 process(es)" in result.stdout
@@ -91,7 +87,7 @@ def test_eval_is_identical_on_one_and_two_processes(two_process_run: Path, corpu
 def test_final_model_best_exports_the_best_checkpoint(tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     # Also the bf16 autocast path (CPU autocast), in training and in generation.
-    args = train_args(tiny_model, corpus, out, "output.final_model=best", "evaluation.at_start=false",
+    args = run_args(tiny_model, corpus, out, "output.final_model=best", "evaluation.at_start=false",
                       "output.keep_checkpoints=1", "training.save_every=0", "training.mixed_precision=bf16")
     assert launch(args, processes=1).returncode == 0
     results = json.loads((out / "results.json").read_text())

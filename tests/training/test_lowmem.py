@@ -9,20 +9,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, last_json_line, launch
+from tests.conftest import last_json_line, launch, train_args
 
 pytestmark = pytest.mark.slow
 
 
 def lora_args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train", "--config", str(ROOT / "recipes" / "demo.yaml"), f"model.name_or_path={model}",
-        f"data.train={corpus / 'train'}", f"data.eval={corpus / 'dev'}", "data.num_workers=0",
-        "training.max_steps=4", "training.global_batch_size=8", "training.micro_batch_size=2",
-        "training.learning_rate=1e-2", "training.warmup_steps=0", "training.save_every=2", "training.method=lora",
-        "evaluation.at_start=false", "evaluation.every_steps=0", "evaluation.batch_size=4",
-        "evaluation.max_new_tokens=6", "output.keep_checkpoints=5", f"output.dir={out}", *extra,
-    ]
+    return train_args(model, corpus, out, "training.learning_rate=1e-2", "training.save_every=2",
+                      "training.method=lora", "output.keep_checkpoints=5", *extra)
 
 
 def test_lora_int8_trains_resumes_and_exports_a_matching_merged_model(
@@ -75,12 +69,13 @@ def test_lora_int8_trains_resumes_and_exports_a_matching_merged_model(
     assert text.strip() == merged_pred[[p["id"] for p in merged_pred].index("clip-000.flac")]["prediction"]
 
 
-@pytest.mark.parametrize("extra", [("model.quantization=nf4", "model.compute_dtype=float32"), ("training.optimizer=adamw8bit",)])
+@pytest.mark.parametrize(
+    "extra",
+    [("model.quantization=nf4", "model.compute_dtype=float32"), ("training.optimizer=adamw8bit", "training.method=full")],
+)
 def test_qlora_and_8bit_adamw_train(tiny_model: Path, corpus: Path, tmp_path: Path, extra: tuple[str, ...]) -> None:
     out = tmp_path / "run"
     args = lora_args(tiny_model, corpus, out, "training.max_steps=2", *extra)
-    if "training.optimizer=adamw8bit" in extra:
-        args[args.index("training.method=lora")] = "training.method=full"
     assert launch(args, processes=1).returncode == 0
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 2 and results["eval"]["num_samples"] == 10

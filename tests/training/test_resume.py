@@ -13,19 +13,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT, kill_tree, launch, train_args
 
 pytestmark = pytest.mark.slow
 
 
-def args_for(model: Path, corpus: Path, out: Path, steps: int = 8) -> list[str]:
-    return [
-        "train", "--config", str(ROOT / "recipes" / "demo.yaml"), f"model.name_or_path={model}",
-        f"data.train={corpus / 'train'}", "data.eval=null", "data.num_workers=1",
-        f"training.max_steps={steps}", "training.global_batch_size=8", "training.micro_batch_size=2",
-        "training.learning_rate=1e-3", "training.warmup_steps=2", "training.save_every=2", "training.log_every=1",
-        "evaluation.every_steps=0", "evaluation.at_start=false", "output.keep_checkpoints=10", f"output.dir={out}",
-    ]
+def args_for(model: Path, corpus: Path, out: Path, *extra: str, steps: int = 8) -> list[str]:
+    return train_args(model, corpus, out, "data.eval=null", "data.num_workers=1", f"training.max_steps={steps}",
+                      "training.warmup_steps=2", "training.save_every=2", "output.keep_checkpoints=10", *extra)
 
 
 def start(args: list[str], processes: int) -> subprocess.Popen:
@@ -47,19 +42,6 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
             kill_tree(proc)
             raise AssertionError(f"timed out waiting for {path}")
         time.sleep(0.05)
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every worker: torch elastic starts workers in sessions of their own,
-    so killing the launcher's process group alone would leave them training."""
-    import psutil
-
-    parent = psutil.Process(proc.pid)
-    victims = [parent, *parent.children(recursive=True)]
-    for victim in victims:
-        victim.kill()
-    psutil.wait_procs(victims, timeout=60)
-    proc.wait(timeout=60)
 
 
 def weights(run: Path) -> dict:
@@ -93,8 +75,7 @@ def test_sigkill_then_resume_matches_an_unbroken_run(tiny_model: Path, corpus: P
 
 def test_sigterm_to_the_process_group_checkpoints_and_exits_75(tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = args_for(tiny_model, corpus, out, steps=40)
-    args[args.index("training.save_every=2")] = "training.save_every=0"
+    args = args_for(tiny_model, corpus, out, "training.save_every=0", steps=40)
     proc = start(args, processes=1)
     wait_for(out / "metrics.jsonl", proc)
     # Like Slurm, signal every process of the job, DataLoader workers included.
