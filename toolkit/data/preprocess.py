@@ -20,7 +20,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -58,12 +57,6 @@ class PreparedSplit:
     chunks_built: int = 0
     chunks_reused: int = 0
 
-    def skip_counts(self) -> dict[str, int]:
-        return dict(Counter(_reason_class(s.reason) for s in self.skips))
-
-
-def _reason_class(reason: str) -> str:
-    return reason.split(":")[0].split("(")[0].strip()
 
 
 def features() -> datasets.Features:
