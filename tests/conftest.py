@@ -159,3 +159,32 @@ def kill_tree(proc: subprocess.Popen) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             victim.kill()
     psutil.wait_procs(victims, timeout=60)
+
+
+LAUNCH_DIR = ROOT / "launch_configs"
+
+
+def ds_launch(
+    config: str, args: list[str], out_log: Path, *, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file launch_configs/CONFIG.yaml --num_processes 2`` on CPU.
+
+    DeepSpeed on CPU: DS_ACCELERATOR=cpu and never ACCELERATE_USE_CPU=1 (accelerate would silently
+    drop DeepSpeed). A hang fails the test after ``timeout`` seconds, with the log.
+    """
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                **(env or {})}
+    full_env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_DIR / f"{config}.yaml"),
+           "--num_processes", "2", "--main_process_port", "0", "-m", "toolkit", *args]
+    with out_log.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            pytest.fail(f"{config}: hung for {timeout} s\n{out_log.read_text()[-5000:]}")
+    text = out_log.read_text()
+    if proc.returncode != 0:
+        print(text[-8000:])
+    return subprocess.CompletedProcess(cmd, proc.returncode, text, "")

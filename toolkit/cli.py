@@ -18,6 +18,7 @@ logger = logging.getLogger("toolkit")
 
 EXIT_CONFIG = 2
 EXIT_DATA = 3
+EXIT_OUT_OF_MEMORY = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from toolkit.data.sources import DataError
     from toolkit.modeling import ModelLoadError
+    from toolkit.training.finder import OutOfMemoryAtMicroBatchOne, UnrecoverableOutOfMemory
 
     try:
         if args.command == "train":
@@ -143,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DATA
+    except (OutOfMemoryAtMicroBatchOne, UnrecoverableOutOfMemory) as exc:
+        # Every rank prints it: they all agreed on it (or the launcher is about to stop them).
+        print(f"out of memory [rank {os.environ.get('RANK', '0')}]: {exc}", file=sys.stderr, flush=True)
+        return EXIT_OUT_OF_MEMORY
     return 0
 
 

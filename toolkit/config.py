@@ -147,8 +147,14 @@ class TrainingConfig:
     """torch AdamW (fused where the device has it), or bitsandbytes' 8-bit AdamW (4x smaller states)."""
     global_batch_size: int = 16
     """Samples per optimizer step, over all processes: micro x accumulation x world size."""
-    micro_batch_size: int = 16
-    """Samples per forward pass on one process; accumulation is derived from it."""
+    micro_batch_size: int | Literal["auto"] = "auto"
+    """Samples per forward pass on one process, at most: a number, or ``auto`` for the per-process
+    batch (global / world size). On out-of-memory every process halves it together and accumulation
+    doubles, so the global batch is unchanged (see ``toolkit/training/finder.py``)."""
+    probe_micro_batch: bool | None = None
+    """Before the first step, find the largest micro-batch that fits on a worst-case batch (30 s
+    clips, the longest label). Default (null): on when micro_batch_size is ``auto``. Skipped on resume:
+    the size found is kept in the checkpoint."""
     learning_rate: float = 1e-5
     """Peak learning rate."""
     lr_scheduler: Literal["linear", "constant"] = "linear"
@@ -176,14 +182,26 @@ class TrainingConfig:
     save_every: int = 0
     """Optimizer steps between checkpoints; 0 saves only at the end."""
 
+    @property
+    def probe(self) -> bool:
+        """Whether to probe before training: ``probe_micro_batch``, else on exactly with ``auto``."""
+        return self.micro_batch_size == "auto" if self.probe_micro_batch is None else self.probe_micro_batch
+
+    def micro_batch_ceiling(self, world_size: int) -> int:
+        """The largest micro-batch to try: the number given, or the whole per-process batch for ``auto``."""
+        per_rank = self.global_batch_size // world_size
+        return per_rank if self.micro_batch_size == "auto" else min(self.micro_batch_size, per_rank)
+
     def validate(self) -> None:
         if self.max_steps <= 0:
             raise ConfigError(f"training.max_steps must be positive, got {self.max_steps}")
         if self.global_batch_size <= 0:
             raise ConfigError(f"training.global_batch_size must be positive, got {self.global_batch_size}")
-        if self.micro_batch_size <= 0:
-            raise ConfigError(f"training.micro_batch_size must be positive, got {self.micro_batch_size}")
-        if self.micro_batch_size > self.global_batch_size:
+        if self.micro_batch_size == "auto":
+            pass
+        elif self.micro_batch_size <= 0:
+            raise ConfigError(f"training.micro_batch_size must be positive or auto, got {self.micro_batch_size}")
+        elif self.micro_batch_size > self.global_batch_size:
             raise ConfigError(
                 f"training.micro_batch_size ({self.micro_batch_size}) exceeds "
                 f"training.global_batch_size ({self.global_batch_size})"

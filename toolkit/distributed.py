@@ -77,3 +77,45 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     """
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+GRADIENT_BUCKET_BYTES = 64 * 2**20
+
+
+def average_gradients(parameters: Any, bucket_bytes: int = GRADIENT_BUCKET_BYTES) -> None:
+    """Average the ``.grad`` of ``parameters`` over all ranks, in flat buckets (DDP's arithmetic).
+
+    The training loop runs every micro-batch under ``no_sync`` and calls this after the ranks have
+    agreed that none ran out of memory: DDP's own all-reduce fires inside the backward, where a rank
+    that fails mid-way would leave the others waiting in a collective forever. A parameter without a
+    gradient on this rank contributes zeros, so every rank makes the same collectives.
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    params = [p for p in parameters if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for p in params:
+        if bucket and (size + p.grad.numel() * p.grad.element_size() > bucket_bytes or p.grad.dtype != bucket[0].dtype):
+            _all_reduce_mean(bucket, world)
+            bucket, size = [], 0
+        bucket.append(p.grad)
+        size += p.grad.numel() * p.grad.element_size()
+    if bucket:
+        _all_reduce_mean(bucket, world)
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], world: int) -> None:
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat.div_(world)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

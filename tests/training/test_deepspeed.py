@@ -28,10 +28,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, kill_tree, launch, train_args
+from tests.conftest import LAUNCH_DIR, ds_launch, launch, train_args
 from toolkit.config import ConfigError
 
-LAUNCH_DIR = ROOT / "launch_configs"
 DS_CONFIGS = sorted(p.stem for p in LAUNCH_DIR.glob("ds_*.yaml"))
 TIMEOUT_S = 300
 STEPS = 6
@@ -43,25 +42,6 @@ def ds_args(model: Path, corpus: Path, out: Path) -> list[str]:
     return train_args(model, corpus, out, f"training.max_steps={STEPS}", "training.warmup_steps=1",
                       "training.max_grad_norm=1.0", "training.save_every=2", "evaluation.every_steps=3",
                       "output.keep_checkpoints=10")
-
-
-def ds_launch(config: str, args: list[str], out_log: Path) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file launch_configs/CONFIG.yaml --num_processes 2`` on CPU."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("ACCELERATE_USE_CPU", None)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_DIR / f"{config}.yaml"),
-           "--num_processes", "2", "--main_process_port", "0", "-m", "toolkit", *args]
-    with out_log.open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-            proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            kill_tree(proc)
-            pytest.fail(f"{config}: hung for {TIMEOUT_S} s\n{out_log.read_text()[-5000:]}")
-    text = out_log.read_text()
-    if proc.returncode != 0:
-        print(text[-8000:])
-    return subprocess.CompletedProcess(cmd, proc.returncode, text, "")
 
 
 def train_lines(run: Path) -> list[dict]:

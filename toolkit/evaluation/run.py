@@ -16,6 +16,7 @@ from toolkit.data.pipeline import load_split
 from toolkit.evaluation.generate import EvalResult, evaluate_model
 from toolkit.evaluation.normalize import make_normalizer
 from toolkit.modeling import load_model
+from toolkit.training.finder import install_injector
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +39,18 @@ def run_evaluate(
     dtype: str = "auto",
     predictions_path: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on ``data.eval`` across all launched processes; every rank returns the same metrics."""
+    """Evaluate on ``data.eval`` across all launched processes; every rank returns the same metrics.
+
+    Besides the corpus metrics: ``batch_size``, the eval batch generation finished with (smaller than
+    ``evaluation.batch_size`` after an out-of-memory back-off), and ``backoffs``, ``[{"from", "to"}]``.
+    """
     state = PartialState()
     loaded = load_model(model_cfg, dtype=resolve_dtype(dtype, state.device), device=state.device)
     # A quantised base is placed at load time (device_map); bitsandbytes' modules must not be moved.
     model = loaded.model if model_cfg.quantization != "none" else loaded.model.to(state.device)
+    # Test-only TOOLKIT_INJECT_OOM: on the Whisper model itself, whose forward generate() calls
+    # (a PEFT wrapper's generate() goes straight to its base model's).
+    install_injector(model.get_base_model() if hasattr(model, "get_base_model") else model, state.process_index)
     tokenizer = loaded.processor.tokenizer
     split = load_split("eval", data_cfg, tokenizer=None)
     collator = WhisperCollator(loaded.processor.feature_extractor, model.config.decoder_start_token_id)
@@ -51,7 +59,13 @@ def run_evaluate(
         batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
         num_workers=data_cfg.num_workers, collect_predictions=predictions_path is not None,
     )
-    metrics = {**result.metrics, "skipped": len(split.skips), "world_size": state.num_processes}
+    metrics = {
+        **result.metrics, "skipped": len(split.skips), "world_size": state.num_processes,
+        "batch_size": result.batch_size, "backoffs": result.backoffs,
+    }
+    if result.backoffs and state.is_main_process:
+        logger.warning("evaluation finished at eval batch %d (asked for %d) after running out of memory",
+                       result.batch_size, eval_cfg.batch_size)
     if predictions_path and state.is_main_process:
         path = Path(predictions_path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,23 @@ class BatchPlan:
             )
         return cls(global_batch_size, micro, world_size)
 
+    def with_micro_batch(self, micro_batch_size: int) -> BatchPlan:
+        if self.per_rank % micro_batch_size:
+            raise ValueError(f"micro-batch {micro_batch_size} does not divide the per-process batch {self.per_rank}")
+        return BatchPlan(self.global_batch_size, micro_batch_size, self.world_size)
+
+    def smaller(self) -> BatchPlan | None:
+        """The plan after an out-of-memory back-off, None at micro-batch 1.
+
+        The micro-batch becomes the largest divisor of the per-process batch that is at most half of
+        it (exactly half when the per-process batch is a power of two), so accumulation at least
+        doubles and the global batch is unchanged.
+        """
+        candidate = self.micro_batch_size // 2
+        while candidate >= 1 and self.per_rank % candidate:
+            candidate -= 1
+        return self.with_micro_batch(candidate) if candidate else None
+
     def describe(self) -> str:
         return (
             f"global batch {self.global_batch_size} = micro-batch {self.micro_batch_size} "
@@ -106,12 +123,14 @@ class StepSampler:
 class StepBatchSampler:
     """A DataLoader ``batch_sampler`` that yields this rank's micro-batches for steps ``[start, stop)``."""
 
-    def __init__(self, sampler: StepSampler, start: int, stop: int):
-        self.sampler, self.start, self.stop = sampler, start, stop
+    def __init__(self, sampler: StepSampler, start: int, stop: int, skip: int = 0):
+        """``skip``: micro-batches of step ``start`` already done (a step continued after a back-off)."""
+        self.sampler, self.start, self.stop, self.skip = sampler, start, stop, skip
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.stop):
-            yield from self.sampler.micro_batches(step)
+            batches = self.sampler.micro_batches(step)
+            yield from batches[self.skip :] if step == self.start else batches
 
     def __len__(self) -> int:
-        return (self.stop - self.start) * self.sampler.plan.accumulation
+        return (self.stop - self.start) * self.sampler.plan.accumulation - self.skip

@@ -33,6 +33,10 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     backoffs: list[dict[str, int]] = field(default_factory=list)
+    """Training back-offs, ``{step, from, to}``: the probe's (at the step it ran before) and the loop's."""
+    eval_batch_size: int | None = None
+    """The generation batch the last evaluation finished with; later ones start there."""
+    eval_backoffs: list[dict[str, int]] = field(default_factory=list)
     eval_history: list[dict[str, Any]] = field(default_factory=list)
 
     def save(self, directory: Path) -> None:

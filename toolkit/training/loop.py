@@ -11,7 +11,6 @@ result; what differs (auto config, backward/step, clipping, ZeRO-3 eval and expo
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import time
@@ -34,15 +33,17 @@ from toolkit.data.pipeline import LoadedSplit, load_split
 from toolkit.distributed import (
     STOP_SIGNALS,
     all_reduce_max,
+    average_gradients,
     ignore_stop_signals,
     process_group_kwargs,
     use_cpu,
 )
 from toolkit.evaluation.generate import evaluate_model
 from toolkit.evaluation.normalize import make_normalizer
+from toolkit.launch import LaunchInfo
 from toolkit.modeling import LoadedModel, load_model, trainable_parameters
 from toolkit.output import export_model, push_to_hub, write_json, write_skipped
-from toolkit.training import zero
+from toolkit.training import finder, zero
 from toolkit.training.batching import BatchPlan, StepBatchSampler, StepSampler
 from toolkit.training.checkpoint import CheckpointManager, TrainState
 from toolkit.training.metrics import MetricsLogger, peak_memory_gib
@@ -140,9 +141,12 @@ class TrainingRun:
                 config.model, config.training, lora_cfg=config.lora, device=self.accelerator.device
             )
         self.data = self._load_data()
-        self.plan = BatchPlan.create(
-            config.training.global_batch_size, config.training.micro_batch_size, self.accelerator.num_processes
-        )
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", config.output.keep_checkpoints, self.accelerator)
+        self.checkpoints.clean_partial()
+        latest = self.checkpoints.latest()
+        # A resumed run starts from the micro-batch it had found (read before DeepSpeed is configured with it).
+        self.found = TrainState.load(latest) if latest is not None else None
+        self.plan = self._initial_plan()
         self.collator = WhisperCollator(
             self.loaded.processor.feature_extractor, self.loaded.model.config.decoder_start_token_id
         )
@@ -154,6 +158,7 @@ class TrainingRun:
         self.scheduler = build_scheduler(optimizer, config.training)
         # Counted before prepare: ZeRO-3 leaves each rank only its partition of every parameter.
         self.param_counts = trainable_parameters(model)
+        self.injector = finder.install_injector(_whisper_module(model), self.accelerator.process_index)
         self.deepspeed = zero.is_deepspeed(self.accelerator)
         if self.deepspeed:
             zero.fill_config(self.accelerator, self.plan, config.training)
@@ -167,10 +172,13 @@ class TrainingRun:
         self.accelerator.register_for_checkpointing(self.scheduler)
         if config.training.method == "lora":
             AdapterCheckpointHooks(self.accelerator).register()
-        self.checkpoints = CheckpointManager(self.out / "checkpoints", config.output.keep_checkpoints, self.accelerator)
         self.state = TrainState()
         self.sampler = StepSampler(len(self.data.train.dataset), self.plan, config.training.seed, self.accelerator.process_index)
         self.baseline: dict[str, Any] | None = None
+        self.metrics: MetricsLogger | None = None
+        self.batches: Any = None
+        self.backoff_seconds = 0.0
+        self.probe_summary: dict[str, Any] | None = None
 
     # -- set-up -----------------------------------------------------------------------------------
     def _load_data(self) -> RunData:
@@ -184,8 +192,18 @@ class TrainingRun:
                 logger.info("%d samples left out; see %s", count, self.out / "skipped.jsonl")
         return RunData(train, evaluation, train.dataset.label_lengths())
 
+    def _initial_plan(self) -> BatchPlan:
+        cfg = self.config.training
+        world = self.accelerator.num_processes
+        plan = BatchPlan.create(cfg.global_batch_size, 1, world)  # refuses a global batch that does not split
+        micro = cfg.micro_batch_ceiling(world)
+        if self.found is not None and self.found.micro_batch_size:
+            if self.found.micro_batch_size < micro:
+                logger.info("resuming at the micro-batch found before: %d", self.found.micro_batch_size)
+            micro = min(micro, self.found.micro_batch_size)
+        return BatchPlan.create(plan.global_batch_size, micro, world)
+
     def resume(self) -> None:
-        self.checkpoints.clean_partial()
         latest = self.checkpoints.latest()
         if latest is None:
             return
@@ -194,10 +212,10 @@ class TrainingRun:
         self.state = TrainState.load(latest)
         logger.info("resumed from %s at step %d", latest, self.state.step)
 
-    def train_loader(self, start: int) -> torch.utils.data.DataLoader:
+    def train_loader(self, start: int, skip: int = 0) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
             self.data.train.dataset,
-            batch_sampler=StepBatchSampler(self.sampler, start, self.config.training.max_steps),
+            batch_sampler=StepBatchSampler(self.sampler, start, self.config.training.max_steps, skip),
             collate_fn=self.collator,
             num_workers=self.config.data.num_workers,
             persistent_workers=False,
@@ -208,34 +226,48 @@ class TrainingRun:
         )
 
     # -- one optimizer step -------------------------------------------------------------------------
-    def train_step(self, step: int, batches: Any) -> StepStats:
-        """Forward/backward over this rank's micro-batches of ``step``, then one optimizer step."""
+    def train_step(self, step: int) -> StepStats:
+        """Forward/backward over this rank's micro-batches of ``step``, then one optimizer step.
+
+        When any rank runs out of memory, all ranks back off together (:meth:`back_off`) and the
+        step goes on at the smaller micro-batch with the same samples: under DDP it is redone from
+        its start (gradients zeroed); under DeepSpeed the micro-batches that completed keep their
+        gradient, which ZeRO has already reduced, and the rest of the step's samples follow in the
+        smaller micro-batches. Either way each sample of the step contributes exactly once.
+        """
         tick = time.perf_counter()
         indices = self.sampler.step_indices(step)
         step_tokens = int(self.data.label_lengths[indices].sum())
         scale = self.accelerator.num_processes / step_tokens
         total = torch.zeros((), device=self.accelerator.device)
-        for micro in range(self.plan.accumulation):
-            batch = next(batches).to(self.accelerator.device, self.input_dtype)
-            last = micro == self.plan.accumulation - 1
+        first = 0
+        rng = RngState.capture(self.accelerator.device)
+        while True:
+            attempt = self._deepspeed_micro_batches(scale, first) if self.deepspeed else self._ddp_micro_batches(scale)
+            total += attempt.loss_sum
+            if not attempt.failed_ranks:
+                break
+            done = 0
             if self.deepspeed:
-                # The engine reduces, clips and steps (once) inside the last micro-batch's backward.
-                summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
-                zero.backward(self.accelerator, summed * scale, last)
-                total += summed.detach()
-                continue
-            # Gradients are all-reduced once, on the step's last micro-batch.
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
-            with sync:
-                summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
-                self.accelerator.backward(summed * scale)
-            total += summed.detach()
+                done = attempt.completed * self.plan.micro_batch_size
+            else:
+                total.zero_()
+                self.optimizer.zero_grad(set_to_none=True)
+                rng.restore()  # the redone step draws the same dropout masks as a run at the smaller size
+            del attempt.loss_sum
+            finder.free_memory()
+            self.back_off(step, attempt.failed_ranks)
+            first = done // self.plan.micro_batch_size
+            self.batches = iter(self.train_loader(step, skip=first))
+            self.backoff_seconds += attempt.seconds
         grad_norm = None
         if self.deepspeed:
             grad_norm = zero.grad_norm(self.accelerator)
-        elif self.config.training.max_grad_norm is not None:
-            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.training.max_grad_norm)
-            grad_norm = float(norm) if norm is not None else None
+        else:
+            average_gradients(self.model.parameters())
+            if self.config.training.max_grad_norm is not None:
+                norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.training.max_grad_norm)
+                grad_norm = float(norm) if norm is not None else None
         self.optimizer.step()
         if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the lr schedule waits too
             self.scheduler.step()
@@ -243,17 +275,218 @@ class TrainingRun:
         audio = float(self.data.train.dataset.durations[indices].sum())
         return StepStats(total, step_tokens, len(indices), audio, time.perf_counter() - tick, grad_norm)
 
+    def _ddp_micro_batches(self, scale: float) -> _Attempt:
+        """All of the step's micro-batches without gradient sync; the ranks then agree on OOM.
+
+        DDP would all-reduce inside the last backward, where a rank that runs out of memory would leave
+        the others waiting in the collective; so every backward runs under ``no_sync`` and the loop
+        averages the gradients itself (:func:`~toolkit.distributed.average_gradients`) once the ranks
+        have agreed that none failed. A rank that fails skips its remaining micro-batches.
+        """
+        tick = time.perf_counter()
+        total = torch.zeros((), device=self.accelerator.device)
+        completed, failed = 0, False
+        for _ in range(self.plan.accumulation):
+            batch = next(self.batches).to(self.accelerator.device, self.input_dtype)
+            try:
+                with self.accelerator.no_sync(self.model):
+                    summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
+                    self.accelerator.backward(summed * scale)
+            except Exception as exc:
+                if not finder.is_out_of_memory(exc):
+                    raise
+                failed = True
+                break
+            total += summed.detach()
+            completed += 1
+        del batch
+        ranks = finder.oom_ranks(failed, self.accelerator.device)
+        return _Attempt(total, ranks, completed, time.perf_counter() - tick)
+
+    def _deepspeed_micro_batches(self, scale: float, first: int) -> _Attempt:
+        """Micro-batches ``first..`` of the step under DeepSpeed, agreeing on OOM after each forward.
+
+        ZeRO-2 reduces gradients inside every backward, so the agreement sits between forward and
+        backward, where no collective is in flight: an OOM in the forward backs off; one in the
+        backward (or anywhere under ZeRO-3, whose forward gathers weights from all ranks) cannot be
+        told to the other ranks, which are inside a collective, and ends the run with the size to set.
+        """
+        total = torch.zeros((), device=self.accelerator.device)
+        for micro in range(first, self.plan.accumulation):
+            tick = time.perf_counter()
+            batch = next(self.batches).to(self.accelerator.device, self.input_dtype)
+            summed = None
+            try:
+                summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
+            except Exception as exc:
+                if not finder.is_out_of_memory(exc):
+                    raise
+                if self.zero_stage == 3:
+                    raise self._unrecoverable("forward", "ZeRO-3 gathers the weights from all ranks in it") from None
+            if self.zero_stage != 3:
+                ranks = finder.oom_ranks(summed is None, self.accelerator.device)
+                if ranks:
+                    return _Attempt(total, ranks, micro, time.perf_counter() - tick)
+            assert summed is not None
+            try:
+                zero.backward(self.accelerator, summed * scale, micro == self.plan.accumulation - 1)
+            except Exception as exc:
+                if finder.is_out_of_memory(exc):
+                    raise self._unrecoverable("backward", "ZeRO reduces gradients inside it") from None
+                raise
+            total += summed.detach()
+        return _Attempt(total, [], self.plan.accumulation, 0.0)
+
+    def _unrecoverable(self, where: str, why: str) -> finder.UnrecoverableOutOfMemory:
+        micro = self.plan.micro_batch_size
+        smaller = self.plan.smaller()
+        fix = (f"rerun the same command with training.micro_batch_size={smaller.micro_batch_size} "
+               "(it resumes from the last checkpoint)" if smaller else self._advice())
+        return finder.UnrecoverableOutOfMemory(
+            f"rank {self.accelerator.process_index} ran out of memory in the {where} at micro-batch {micro}, "
+            f"where the other ranks cannot be told ({why}); {fix}"
+        )
+
+    def back_off(self, step: int, failed_ranks: list[int]) -> None:
+        """Halve the micro-batch on every rank (accumulation doubles) and re-prepare what depends on it."""
+        smaller = self.plan.smaller()
+        if smaller is None:
+            raise finder.OutOfMemoryAtMicroBatchOne(
+                f"rank(s) {failed_ranks} ran out of memory at micro-batch 1 (step {step}, "
+                f"{self.config.training.global_batch_size} global batch): nothing smaller to try; {self._advice()}"
+            )
+        record = finder.Backoff(step, self.plan.micro_batch_size, smaller.micro_batch_size)
+        logger.warning(
+            "rank %d: out of memory on rank(s) %s at step %d: micro-batch %d -> %d, accumulation %d -> %d, "
+            "global batch %d unchanged", self.accelerator.process_index, failed_ranks, step, self.plan.micro_batch_size, smaller.micro_batch_size, self.plan.accumulation,
+            smaller.accumulation, smaller.global_batch_size,
+        )
+        self._apply_plan(smaller)
+        self.state.backoffs.append(record.to_dict())
+        if self.metrics is not None:
+            self.metrics.log(step, {"backoff": record.to_dict(), **self._batch_values()})
+
+    def _apply_plan(self, plan: BatchPlan) -> None:
+        self.plan = plan
+        self.sampler.plan = plan
+        if self.deepspeed:
+            zero.resize(self.accelerator, plan)
+        self.state.micro_batch_size = plan.micro_batch_size
+        self.state.gradient_accumulation_steps = plan.accumulation
+
+    def _batch_values(self) -> dict[str, int]:
+        return {"micro_batch_size": self.plan.micro_batch_size, "gradient_accumulation_steps": self.plan.accumulation}
+
+    def _advice(self) -> str:
+        cfg = self.config
+        mode = finder.current_mode(cfg.training.method, cfg.model.quantization, cfg.training.optimizer, LaunchInfo.from_env())
+        label_tokens = min(self._longest_label(), self.loaded.model.config.max_target_positions)
+        return finder.advice_at_micro_batch_one(
+            self.loaded.model.config, mode, self.accelerator.num_processes, label_tokens,
+            cfg.training.gradient_checkpointing, finder.device_memory(self.accelerator.device),
+        )
+
+    def _longest_label(self) -> int:
+        return int(self.data.label_lengths.max())
+
+    # -- the worst-case probe ---------------------------------------------------------------------
+    def probe(self) -> None:
+        """Find the largest micro-batch that fits a worst-case batch before the first real step.
+
+        Two forward/backward passes (the second with the gradients of the first in memory, as in
+        accumulation) on full 30 s windows with the longest label of the data; the RNG is restored
+        afterwards and the gradients left are zeros, so the run trains as if no probe had happened.
+        AdamW's states appear only at the first optimizer step: the back-off during training covers
+        what they add.
+        """
+        tick = time.perf_counter()
+        start = self.plan.micro_batch_size
+        label_tokens = min(self._longest_label(), self.loaded.model.config.max_target_positions)
+        try:
+            plan, backoffs = finder.search(
+                self.plan, lambda micro: self._probe_attempt(micro, label_tokens), step=self.state.step
+            )
+        except finder.OutOfMemoryAtMicroBatchOne as exc:
+            raise finder.OutOfMemoryAtMicroBatchOne(
+                f"probe: {exc} (30 s clips, {label_tokens} label tokens); {self._advice()}"
+            ) from None
+        if plan != self.plan:
+            self._apply_plan(plan)
+        self.state.backoffs += [b.to_dict() for b in backoffs]
+        seconds = time.perf_counter() - tick
+        self.probe_summary = {"from": start, "to": plan.micro_batch_size, "label_tokens": label_tokens,
+                              "seconds": round(seconds, 2)}
+        logger.info("probe: micro-batch %d fits a worst-case batch (30 s clips, %d label tokens); %.1f s",
+                    plan.micro_batch_size, label_tokens, seconds)
+        if self.metrics is not None:
+            self.metrics.log(self.state.step, {"probe": self.probe_summary, **self._batch_values()})
+
+    def _probe_attempt(self, micro: int, label_tokens: int) -> list[int]:
+        config = self.loaded.model.config
+        batch = finder.worst_case_batch(
+            micro, config.num_mel_bins, 2 * config.max_source_positions, label_tokens, config.vocab_size,
+            self.accelerator.device, self.input_dtype,
+        )
+        failed = False
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for _ in range(2):
+                if self.deepspeed:
+                    summed = None
+                    try:
+                        summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
+                    except Exception as exc:
+                        if not finder.is_out_of_memory(exc):
+                            raise
+                        if self.zero_stage == 3:
+                            raise self._unrecoverable("probe's forward", "ZeRO-3 gathers the weights in it") from None
+                    if self.zero_stage != 3 and (ranks := finder.oom_ranks(summed is None, self.accelerator.device)):
+                        del summed
+                        finder.free_memory()
+                        return ranks
+                    try:
+                        # Zero gradient into ZeRO's buffers: x + 0 == x, so the first step is unchanged.
+                        zero.backward(self.accelerator, summed * 0.0, last=False)
+                    except Exception as exc:
+                        if finder.is_out_of_memory(exc):
+                            raise self._unrecoverable("probe's backward", "ZeRO reduces gradients inside it") from None
+                        raise
+                    del summed
+                    continue
+                try:
+                    with self.accelerator.no_sync(self.model):
+                        summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
+                        self.accelerator.backward(summed * 0.0)
+                    del summed
+                except Exception as exc:
+                    if not finder.is_out_of_memory(exc):
+                        raise
+                    failed = True
+                    break
+        if not self.deepspeed:
+            self.optimizer.zero_grad(set_to_none=True)
+        finder.free_memory()
+        return [] if self.deepspeed else finder.oom_ranks(failed, self.accelerator.device)
+
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
+        """Corpus metrics on the eval split; generation backs off on its own (its memory is not training's)."""
         assert self.data.eval is not None
         eval_cfg = self.config.evaluation
+        batch_size = min(eval_cfg.batch_size, self.state.eval_batch_size or eval_cfg.batch_size)
         result = evaluate_model(
             self.accelerator.unwrap_model(self.model), self.data.eval.dataset, self.collator,
-            self.loaded.processor.tokenizer, self.normalize, batch_size=eval_cfg.batch_size,
+            self.loaded.processor.tokenizer, self.normalize, batch_size=batch_size,
             max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
             num_workers=self.config.data.num_workers, autocast=self.accelerator.autocast,
             synced_gpus=self.zero_stage == 3,  # ZeRO-3: every forward gathers parameters from all ranks
         )
+        self.state.eval_batch_size = result.batch_size
+        for backoff in result.backoffs:
+            record = {"step": self.state.step, **backoff}
+            self.state.eval_backoffs.append(record)
+            if self.metrics is not None:
+                self.metrics.log(self.state.step, {"eval_backoff": record})
         return result.metrics
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -263,7 +496,9 @@ class TrainingRun:
         self.resume()
         self.state.micro_batch_size = self.plan.micro_batch_size
         self.state.gradient_accumulation_steps = self.plan.accumulation
-        metrics = MetricsLogger(self.out, acc.is_main_process, resume_step=self.state.step)
+        metrics = self.metrics = MetricsLogger(self.out, acc.is_main_process, resume_step=self.state.step)
+        if self.found is None and cfg.probe:
+            self.probe()
         trainable, total_params = self.param_counts
         logger.info(
             "%s | %d training samples | %d steps (%.2f epochs) | %.1fM of %.1fM parameters trainable",
@@ -281,11 +516,11 @@ class TrainingRun:
         window, totals = _Window(), _Window()
         last_eval: dict[str, Any] | None = None
         progress = tqdm(total=cfg.max_steps, initial=start_step, disable=not acc.is_main_process, desc="train")
-        batches = iter(self.train_loader(start_step))
+        self.batches = iter(self.train_loader(start_step))
         self.model.train()
         with StopSignal() as stop:
             for step in range(start_step, cfg.max_steps):
-                stats = self.train_step(step, batches)
+                stats = self.train_step(step)
                 self.state.step = step + 1
                 window.add(stats)
                 totals.add(stats)
@@ -321,6 +556,7 @@ class TrainingRun:
         values["lr"] = self.scheduler.get_last_lr()[0]
         values["epoch"] = round(self.sampler.epoch_of(self.state.step), 4)
         values["peak_memory_gib"] = round(peak_memory_gib(self.accelerator.device), 3)
+        values.update(self._batch_values())
         return values
 
     def finish(self, last_eval: dict[str, Any] | None, totals: _Window) -> dict[str, Any]:
@@ -343,6 +579,10 @@ class TrainingRun:
             "gradient_accumulation_steps": self.plan.accumulation,
             "world_size": self.plan.world_size,
             "backoffs": self.state.backoffs,
+            "backoff_seconds": round(self.backoff_seconds, 3),
+            "eval_batch_size": self.state.eval_batch_size,
+            "eval_backoffs": self.state.eval_backoffs,
+            "probe": self.probe_summary,
             "train_samples": len(self.data.train.dataset),
             **totals.rates(),
             "train_runtime_s": round(totals.seconds, 2),
@@ -364,6 +604,43 @@ class TrainingRun:
             logger.info("results: %s", self.out / "results.json")
         acc.wait_for_everyone()
         return results
+
+
+@dataclass
+class _Attempt:
+    """One try at (the rest of) a step's micro-batches."""
+
+    loss_sum: torch.Tensor
+    failed_ranks: list[int]
+    """Ranks that ran out of memory (the same list on every rank); empty when the step went through."""
+    completed: int
+    """Micro-batches whose gradient is in (under DeepSpeed, where a failed step continues from there)."""
+    seconds: float
+    """Time lost if the attempt failed."""
+
+
+@dataclass
+class RngState:
+    """torch's CPU and current-GPU generator states (dropout), to redo a step as if it were the first try."""
+
+    cpu: torch.Tensor
+    device: torch.device
+    cuda: torch.Tensor | None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RngState:
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), device, cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def _whisper_module(model: Any) -> torch.nn.Module:
+    """The Whisper model itself, under a PEFT wrapper if there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class _Window:

@@ -103,6 +103,27 @@ def fill_config(accelerator: Accelerator, plan: BatchPlan, cfg: TrainingConfig) 
     return values
 
 
+def resize(accelerator: Accelerator, plan: BatchPlan) -> None:
+    """Re-prepare the engine for a new micro-batch after an out-of-memory back-off.
+
+    DeepSpeed fixes ``train_micro_batch_size_per_gpu`` and ``gradient_accumulation_steps`` when the
+    engine is built; its own setters (what its elasticity uses) change both in place, keeping the
+    ZeRO partitions and optimizer states. The plugin's config dict, which accelerate writes into
+    checkpoints, follows.
+    """
+    engine = accelerator.deepspeed_engine_wrapped.engine
+    engine.set_train_micro_batch_size(plan.micro_batch_size)
+    engine.set_train_batch_size(plan.global_batch_size)
+    if (engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()) != (
+        plan.micro_batch_size, plan.accumulation
+    ):  # pragma: no cover - a DeepSpeed change would land here
+        raise RuntimeError("DeepSpeed did not take the new micro-batch/accumulation")
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
+    config["gradient_accumulation_steps"] = plan.accumulation
+    accelerator.gradient_accumulation_steps = plan.accumulation
+
+
 @contextlib.contextmanager
 def full_weights_at_load(accelerator: Accelerator) -> Iterator[None]:
     """Under ZeRO-3, load the checkpoint whole on every rank; DeepSpeed partitions it in ``prepare``.

@@ -1,0 +1,310 @@
+"""The auto batch-size finder: the back-off arithmetic, the fault injector, and real 2-process runs in
+which one rank runs out of memory (DDP, DeepSpeed ZeRO-2, LoRA on an int8 base).
+
+The multi-process runs compare with a run started directly at the smaller micro-batch (same seed,
+dropout-free model): equal loss curves and final weights show that no sample was lost or doubled and
+no optimizer step was lost or repeated. Every launch has a timeout, so a hang fails instead of blocking.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ds_launch, launch, train_args
+from toolkit.config import ConfigError, load_config
+from toolkit.launch import LaunchInfo
+from toolkit.testing import make_tiny_whisper
+from toolkit.training import finder
+from toolkit.training.batching import BatchPlan, StepBatchSampler, StepSampler
+
+TIMEOUT_S = 300
+
+
+# -- arithmetic and parts ---------------------------------------------------------------------------
+
+
+def test_back_off_halves_micro_and_doubles_accumulation_keeping_the_global_batch() -> None:
+    plan = BatchPlan.create(64, 16, 4)
+    sizes = []
+    while plan is not None:
+        assert plan.micro_batch_size * plan.accumulation * plan.world_size == 64
+        sizes.append((plan.micro_batch_size, plan.accumulation))
+        plan = plan.smaller()
+    assert sizes == [(16, 1), (8, 2), (4, 4), (2, 8), (1, 16)]
+
+
+def test_back_off_with_a_per_rank_batch_that_is_not_a_power_of_two_stays_on_divisors() -> None:
+    plan = BatchPlan.create(24, 12, 2)
+    sizes = []
+    while plan is not None:
+        sizes.append(plan.micro_batch_size)
+        plan = plan.smaller()
+    assert sizes == [12, 6, 3, 1]
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused() -> None:
+    with pytest.raises(ConfigError, match="cannot be split evenly over 3 processes"):
+        BatchPlan.create(16, 4, 3)
+    with pytest.raises(ValueError, match="does not divide"):
+        BatchPlan.create(16, 4, 2).with_micro_batch(3)
+
+
+def test_step_batch_sampler_skips_the_micro_batches_a_continued_step_already_did() -> None:
+    plan = BatchPlan.create(8, 2, 1)
+    sampler = StepSampler(20, plan, seed=1, rank=0)
+    full = list(StepBatchSampler(sampler, 3, 5))
+    skipped = StepBatchSampler(sampler, 3, 5, skip=3)
+    assert list(skipped) == full[3:] and len(skipped) == len(full) - 3
+
+
+def test_micro_batch_auto_is_the_per_process_batch_and_turns_the_probe_on() -> None:
+    base = ["model.name_or_path=m", "output.dir=o", "data.train=x", "training.max_steps=1", "training.global_batch_size=32"]
+    auto = load_config(None, base).training
+    assert auto.micro_batch_size == "auto" and auto.probe and auto.micro_batch_ceiling(4) == 8
+    fixed = load_config(None, [*base, "training.micro_batch_size=16"]).training
+    assert not fixed.probe and fixed.micro_batch_ceiling(4) == 8 and fixed.micro_batch_ceiling(1) == 16
+    assert load_config(None, [*base, "training.micro_batch_size=4", "training.probe_micro_batch=true"]).training.probe
+    with pytest.raises(ConfigError, match="positive or auto"):
+        load_config(None, [*base, "training.micro_batch_size=0"])
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        load_config(None, [*base, "training.micro_batch_size=big"])
+
+
+def test_out_of_memory_errors_are_recognised() -> None:
+    assert finder.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert finder.is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert finder.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"))
+    assert finder.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 10 GB"))
+    assert not finder.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not finder.is_out_of_memory(ValueError("out of memory."))
+
+
+def test_the_injector_raises_a_real_out_of_memory_error_on_its_rank_only() -> None:
+    assert finder.OutOfMemoryInjector.from_env({}) is None
+    injector = finder.OutOfMemoryInjector.from_env({finder.INJECT_ENV: "1:4"})
+    assert injector is not None and (injector.rank, injector.limit, injector.spare) == (1, 4, 0)
+    injector.check(0, 64)  # another rank
+    injector.check(1, 4)  # at the limit
+    with pytest.raises(torch.OutOfMemoryError, match="injected") as caught:
+        injector.check(1, 5)
+    assert finder.is_out_of_memory(caught.value)
+    spared = finder.OutOfMemoryInjector.from_env({finder.INJECT_ENV: "0:1:2"})
+    assert spared is not None
+    spared.check(0, 2)
+    spared.check(0, 2)
+    with pytest.raises(torch.OutOfMemoryError):
+        spared.check(0, 2)
+    for bad in ("1", "a:b", "1:2:3:4", "-1:2"):
+        with pytest.raises(ValueError, match=finder.INJECT_ENV):
+            finder.OutOfMemoryInjector.from_env({finder.INJECT_ENV: bad})
+
+
+def test_the_injector_hook_sees_the_batch_of_training_and_generation_calls(tmp_path: Path) -> None:
+    import transformers
+
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(make_tiny_whisper(tmp_path / "m")).eval()
+    finder.OutOfMemoryInjector(0, 2).attach(model, rank=0)
+    features = torch.zeros(3, model.config.num_mel_bins, 3000)
+    with pytest.raises(torch.OutOfMemoryError):
+        model(input_features=features, decoder_input_ids=torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(torch.OutOfMemoryError):
+        model.generate(features, max_new_tokens=2)
+    model(input_features=features[:2], decoder_input_ids=torch.ones(2, 2, dtype=torch.long))
+
+
+def test_search_walks_down_to_the_largest_size_that_fits_on_every_rank() -> None:
+    tried: list[int] = []
+
+    def attempt(micro: int) -> list[int]:
+        tried.append(micro)
+        return [1] if micro > 3 else []
+
+    plan, backoffs = finder.search(BatchPlan.create(32, 16, 2), attempt)
+    assert plan.micro_batch_size == 2 and plan.accumulation == 8 and tried == [16, 8, 4, 2]
+    assert [b.to_dict() for b in backoffs] == [{"step": 0, "from": 16, "to": 8}, {"step": 0, "from": 8, "to": 4},
+                                               {"step": 0, "from": 4, "to": 2}]
+    with pytest.raises(finder.OutOfMemoryAtMicroBatchOne, match=r"rank\(s\) \[0\]"):
+        finder.search(BatchPlan.create(4, 4, 1), lambda micro: [0])
+
+
+def test_the_worst_case_batch_is_full_windows_with_the_longest_label() -> None:
+    batch = finder.worst_case_batch(3, 80, 3000, 448, 51865, torch.device("cpu"))
+    assert batch.input_features.shape == (3, 80, 3000) and batch.labels is not None
+    assert batch.labels.shape == (3, 448) and int(batch.labels.max()) < 51865
+
+
+def test_modes_are_named_as_plan_names_them() -> None:
+    ddp, zero3 = LaunchInfo(world_size=2), LaunchInfo(world_size=2, deepspeed=True, zero_stage=3, offload_optimizer=True)
+    assert finder.current_mode("full", "none", "adamw", ddp) == "full"
+    assert finder.current_mode("full", "none", "adamw8bit", ddp) == "full-adamw8bit"
+    assert finder.current_mode("full", "none", "adamw", zero3) == "zero3-offload"
+    assert finder.current_mode("lora", "int8", "adamw", ddp) == "lora-int8"
+    assert finder.current_mode("lora", "nf4", "adamw", ddp) == "qlora-nf4"
+
+
+def test_advice_at_micro_batch_one_names_the_modes_that_fit() -> None:
+    from toolkit.plan import resolve_config
+
+    _, large = resolve_config("large-v3")
+    advice = finder.advice_at_micro_batch_one(large, "full", 1, 448, True, 16 * 2**30)
+    assert "lora-int8" in advice and "launch_configs/1gpu.yaml" in advice and "python -m toolkit plan" in advice
+    assert "full (" not in advice
+    nothing = finder.advice_at_micro_batch_one(large, "full", 1, 448, False, 2**30)
+    assert "gradient_checkpointing" in nothing and "no mode" in nothing
+
+
+# -- real runs on 2 processes -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def no_dropout(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """Dropout draws per sample, so an exact comparison across micro-batch sizes needs it off."""
+    import transformers
+
+    out = tmp_path_factory.mktemp("no-dropout")
+    transformers.WhisperForConditionalGeneration.from_pretrained(tiny_model, dropout=0.0).save_pretrained(out)
+    transformers.WhisperProcessor.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def args_for(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return train_args(model, corpus, out, "data.eval=null", "training.max_steps=3", "training.global_batch_size=16",
+                      *extra)
+
+
+def results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def assert_same_training(a: Path, b: Path, *, weights: str = "final/model.safetensors") -> None:
+    assert losses(a) == pytest.approx(losses(b), rel=1e-5) and len(losses(a)) == 3
+    wa, wb = load_file(a / weights), load_file(b / weights)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reference(no_dropout: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DDP on 2 processes started directly at micro-batch 2 (global 16 = 2 x 4 x 2)."""
+    out = tmp_path_factory.mktemp("reference")
+    result = launch(args_for(no_dropout, corpus, out, "training.micro_batch_size=2"), processes=2, timeout=TIMEOUT_S)
+    assert result.returncode == 0
+    assert results(out)["world_size"] == 2 and results(out)["backoffs"] == []
+    return out
+
+
+@pytest.mark.slow
+def test_oom_on_rank_1_mid_step_backs_off_both_ranks_and_trains_as_the_smaller_micro_batch(
+    no_dropout: Path, corpus: Path, reference: Path, tmp_path: Path
+) -> None:
+    # Rank 1 fails on the step's second micro-batch of 4: the first one's gradient is already in.
+    out = tmp_path / "run"
+    result = launch(args_for(no_dropout, corpus, out, "training.micro_batch_size=4"), processes=2,
+                    env={finder.INJECT_ENV: "1:2:1"}, timeout=TIMEOUT_S)
+    assert result.returncode == 0
+    summary = results(out)
+    assert summary["world_size"] == 2
+    assert (summary["micro_batch_size"], summary["gradient_accumulation_steps"], summary["global_batch_size"]) == (2, 4, 16)
+    assert summary["backoffs"] == [{"step": 0, "from": 4, "to": 2}] and summary["probe"] is None
+    # Both ranks learnt of it (each logs the back-off), and metrics.jsonl records it at its step.
+    for rank in (0, 1):
+        assert f"rank {rank}: out of memory on rank(s) [1] at step 0: micro-batch 4 -> 2" in result.stderr
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 0, "backoff": {"step": 0, "from": 4, "to": 2}, "micro_batch_size": 2,
+            "gradient_accumulation_steps": 4} in lines
+    assert_same_training(out, reference)
+
+
+@pytest.mark.slow
+def test_the_probe_finds_the_size_before_the_first_step_and_changes_nothing_else(
+    no_dropout: Path, corpus: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    result = launch(args_for(no_dropout, corpus, out, "training.micro_batch_size=auto"), processes=2,
+                    env={finder.INJECT_ENV: "1:2"}, timeout=TIMEOUT_S)
+    assert result.returncode == 0
+    summary = results(out)
+    assert summary["probe"]["from"] == 8 and summary["probe"]["to"] == 2
+    assert summary["backoffs"] == [{"step": 0, "from": 8, "to": 4}, {"step": 0, "from": 4, "to": 2}]
+    assert summary["backoff_seconds"] == 0  # nothing failed once training had started
+    assert_same_training(out, reference)
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_found_micro_batch_without_probing(no_dropout: Path, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = args_for(no_dropout, corpus, out, "training.micro_batch_size=auto", "training.save_every=1",
+                    "output.keep_checkpoints=5")
+    first = launch(args, processes=2, env={finder.INJECT_ENV: "1:2"}, timeout=TIMEOUT_S)
+    assert first.returncode == 0 and results(out)["micro_batch_size"] == 2
+    state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert (state["micro_batch_size"], state["gradient_accumulation_steps"]) == (2, 4)
+    # Resumed without the injector: a run that forgot the size would train (and probe) at 8.
+    again = launch([*args, "training.max_steps=5"], processes=2, timeout=TIMEOUT_S)
+    assert again.returncode == 0 and "resumed from" in again.stderr
+    summary = results(out)
+    assert summary["steps"] == 5 and summary["micro_batch_size"] == 2 and summary["gradient_accumulation_steps"] == 4
+    assert summary["probe"] is None and len(summary["backoffs"]) == 2  # the first run's, kept
+    resumed = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["micro_batch_size"] for x in resumed if x["step"] > 3 and "loss" in x] == [2, 2]
+
+
+@pytest.mark.slow
+def test_oom_at_micro_batch_1_stops_every_rank_with_a_clear_message(
+    no_dropout: Path, corpus: Path, tmp_path: Path
+) -> None:
+    result = launch(args_for(no_dropout, corpus, tmp_path / "run", "training.micro_batch_size=2"), processes=2,
+                    env={finder.INJECT_ENV: "1:0"}, timeout=TIMEOUT_S)
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"out of memory [rank {rank}]: rank(s) [1] ran out of memory at micro-batch 1" in result.stderr
+    assert "python -m toolkit plan" in result.stderr and "lora-int8" in result.stderr
+    assert "Traceback" not in result.stderr.split("out of memory [rank")[0]
+
+
+@pytest.mark.slow
+def test_lora_on_an_int8_base_backs_off_to_the_same_training(no_dropout: Path, corpus: Path, tmp_path: Path) -> None:
+    lora = ("training.method=lora", "model.quantization=int8", "training.learning_rate=1e-2")
+    direct, backed = tmp_path / "direct", tmp_path / "backed"
+    assert launch(args_for(no_dropout, corpus, direct, *lora, "training.micro_batch_size=2"), processes=2,
+                  timeout=TIMEOUT_S).returncode == 0
+    assert launch(args_for(no_dropout, corpus, backed, *lora, "training.micro_batch_size=8"), processes=2,
+                  env={finder.INJECT_ENV: "1:2"}, timeout=TIMEOUT_S).returncode == 0
+    assert results(backed)["backoffs"] == [{"step": 0, "from": 8, "to": 4}, {"step": 0, "from": 4, "to": 2}]
+    assert results(backed)["world_size"] == 2
+    assert_same_training(backed, direct, weights="final/adapter/adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_backs_off_mid_step_and_after_the_probe(
+    no_dropout: Path, corpus: Path, tmp_path: Path
+) -> None:
+    def run(name: str, micro: str, inject: str | None) -> Path:
+        out = tmp_path / name
+        env = {finder.INJECT_ENV: inject} if inject else {}
+        result = ds_launch("ds_zero2", args_for(no_dropout, corpus, out, f"training.micro_batch_size={micro}"),
+                           tmp_path / f"{name}.log", env=env, timeout=TIMEOUT_S)
+        assert result.returncode == 0
+        assert results(out)["world_size"] == 2
+        return out
+
+    direct = run("direct", "2", None)
+    # The engine is re-prepared (micro 4 -> 2, accumulation 2 -> 4) after the first micro-batch of
+    # step 0 has been reduced into ZeRO's buffers; the step continues with the rest of its samples.
+    mid_step = run("mid-step", "4", "1:2:1")
+    assert results(mid_step)["backoffs"] == [{"step": 0, "from": 4, "to": 2}]
+    assert (results(mid_step)["micro_batch_size"], results(mid_step)["gradient_accumulation_steps"]) == (2, 4)
+    assert_same_training(mid_step, direct)
+    probed = run("probed", "auto", "1:2")
+    assert results(probed)["probe"]["to"] == 2
+    assert_same_training(probed, direct)
