@@ -17,10 +17,7 @@ silently drop DeepSpeed); the world size is asserted from results.json.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -184,7 +181,7 @@ def test_fill_config_fills_auto_from_the_recipe() -> None:
     from toolkit.training import zero
     from toolkit.training.batching import BatchPlan
 
-    config = json.loads((ROOT / "launch_configs" / "deepspeed" / "zero3_offload.json").read_text())
+    config = json.loads((LAUNCH_DIR / "deepspeed" / "zero3_offload.json").read_text())
     acc = fake_accelerator(config)
     plan = BatchPlan.create(32, 4, 2)  # accumulation 4
     zero.fill_config(acc, plan, TrainingConfig(max_grad_norm=0.5, mixed_precision="no"))
