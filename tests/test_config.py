@@ -155,3 +155,16 @@ def apply_override_to(config, item: str) -> None:  # noqa: ANN001
     section, _, rest = item.partition(".")
     key, _, value = rest.partition("=")
     setattr(getattr(config, section), key, value)
+
+
+def test_micro_batch_auto_is_the_per_process_batch_and_turns_the_probe_on() -> None:
+    base = ["model.name_or_path=m", "output.dir=o", "data.train=x", "training.max_steps=1", "training.global_batch_size=32"]
+    auto = load_config(None, base).training
+    assert auto.micro_batch_size == "auto" and auto.probe and auto.micro_batch_ceiling(4) == 8
+    fixed = load_config(None, [*base, "training.micro_batch_size=16"]).training
+    assert not fixed.probe and fixed.micro_batch_ceiling(4) == 8 and fixed.micro_batch_ceiling(1) == 16
+    assert load_config(None, [*base, "training.micro_batch_size=4", "training.probe_micro_batch=true"]).training.probe
+    with pytest.raises(ConfigError, match="positive or auto"):
+        load_config(None, [*base, "training.micro_batch_size=0"])
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        load_config(None, [*base, "training.micro_batch_size=big"])

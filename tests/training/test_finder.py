@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ds_launch, launch, train_args
-from toolkit.config import ConfigError, load_config
+from toolkit.config import ConfigError
 from toolkit.launch import LaunchInfo
 from toolkit.testing import make_tiny_whisper
 from toolkit.training import finder
@@ -60,19 +60,6 @@ def test_step_batch_sampler_skips_the_micro_batches_a_continued_step_already_did
     full = list(StepBatchSampler(sampler, 3, 5))
     skipped = StepBatchSampler(sampler, 3, 5, skip=3)
     assert list(skipped) == full[3:] and len(skipped) == len(full) - 3
-
-
-def test_micro_batch_auto_is_the_per_process_batch_and_turns_the_probe_on() -> None:
-    base = ["model.name_or_path=m", "output.dir=o", "data.train=x", "training.max_steps=1", "training.global_batch_size=32"]
-    auto = load_config(None, base).training
-    assert auto.micro_batch_size == "auto" and auto.probe and auto.micro_batch_ceiling(4) == 8
-    fixed = load_config(None, [*base, "training.micro_batch_size=16"]).training
-    assert not fixed.probe and fixed.micro_batch_ceiling(4) == 8 and fixed.micro_batch_ceiling(1) == 16
-    assert load_config(None, [*base, "training.micro_batch_size=4", "training.probe_micro_batch=true"]).training.probe
-    with pytest.raises(ConfigError, match="positive or auto"):
-        load_config(None, [*base, "training.micro_batch_size=0"])
-    with pytest.raises(ConfigError, match="micro_batch_size"):
-        load_config(None, [*base, "training.micro_batch_size=big"])
 
 
 def test_out_of_memory_errors_are_recognised() -> None:
@@ -230,13 +217,17 @@ def test_the_probe_finds_the_size_before_the_first_step_and_changes_nothing_else
     no_dropout: Path, corpus: Path, reference: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    result = launch(args_for(no_dropout, corpus, out, "training.micro_batch_size=auto"), processes=2,
-                    env={finder.INJECT_ENV: "1:2"}, timeout=TIMEOUT_S)
+    # The final evaluation (batch 4, 10 clips) backs off too, on its own.
+    args = args_for(no_dropout, corpus, out, "training.micro_batch_size=auto", f"data.eval={corpus / 'dev'}",
+                    "evaluation.batch_size=4")
+    result = launch(args, processes=2, env={finder.INJECT_ENV: "1:2"}, timeout=TIMEOUT_S)
     assert result.returncode == 0
     summary = results(out)
     assert summary["probe"]["from"] == 8 and summary["probe"]["to"] == 2
     assert summary["backoffs"] == [{"step": 0, "from": 8, "to": 4}, {"step": 0, "from": 4, "to": 2}]
     assert summary["backoff_seconds"] == 0  # nothing failed once training had started
+    assert summary["eval_batch_size"] == 2 and summary["eval_backoffs"] == [{"step": 3, "from": 4, "to": 2}]
+    assert summary["eval"]["num_samples"] == 10
     assert_same_training(out, reference)
 
 
@@ -308,3 +299,24 @@ def test_deepspeed_zero2_backs_off_mid_step_and_after_the_probe(
     probed = run("probed", "auto", "1:2")
     assert results(probed)["probe"]["to"] == 2
     assert_same_training(probed, direct)
+
+
+@pytest.mark.slow
+def test_the_backoff_benchmark_compares_with_a_run_started_at_the_size_found(
+    no_dropout: Path, corpus: Path, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    args = train_args(no_dropout, corpus, tmp_path / "unused", "data.eval=null", "training.max_steps=2")[1:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", finder.INJECT_ENV: "0:2"}
+    result = subprocess.run([sys.executable, "scripts/bench_backoff.py", "--start", "8", "--out", str(tmp_path),
+                             "--", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["backed_off"]["micro_batch_size"] == 2 and len(report["backed_off"]["backoffs"]) == 2
+    assert report["direct"]["start"] == "2" and report["direct"]["backoffs"] == []
+    assert report["seconds_lost_to_backoff_and_probe"] > 0 and report["throughput_ratio"] > 0

@@ -7,6 +7,10 @@ mean of the global batch (Trainer's per-micro-batch mean is not). DDP averages g
 ranks, hence the factor ``world_size``. Under DeepSpeed ZeRO the same loss and the same gradient
 result; what differs (auto config, backward/step, clipping, ZeRO-3 eval and export) is in
 :mod:`toolkit.training.zero`.
+
+Out-of-memory errors back off on every rank together (:mod:`toolkit.training.finder`): the step is
+redone at half the micro-batch with the same samples, so the global batch and the optimisation are
+unchanged; see :meth:`TrainingRun.train_step`.
 """
 
 from __future__ import annotations
