@@ -48,9 +48,7 @@ def run_evaluate(
     loaded = load_model(model_cfg, dtype=resolve_dtype(dtype, state.device), device=state.device)
     # A quantised base is placed at load time (device_map); bitsandbytes' modules must not be moved.
     model = loaded.model if model_cfg.quantization != "none" else loaded.model.to(state.device)
-    # Test-only TOOLKIT_INJECT_OOM: on the Whisper model itself, whose forward generate() calls
-    # (a PEFT wrapper's generate() goes straight to its base model's).
-    install_injector(model.get_base_model() if hasattr(model, "get_base_model") else model, state.process_index)
+    install_injector(model, state.process_index)  # test-only TOOLKIT_INJECT_OOM
     tokenizer = loaded.processor.tokenizer
     split = load_split("eval", data_cfg, tokenizer=None)
     collator = WhisperCollator(loaded.processor.feature_extractor, model.config.decoder_start_token_id)

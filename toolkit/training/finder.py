@@ -189,11 +189,15 @@ def batch_size_of(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-def install_injector(module: torch.nn.Module, rank: int) -> OutOfMemoryInjector | None:
-    """Attach the injector from the environment, if ``TOOLKIT_INJECT_OOM`` is set."""
+def install_injector(model: torch.nn.Module, rank: int) -> OutOfMemoryInjector | None:
+    """Attach the injector from the environment, if ``TOOLKIT_INJECT_OOM`` is set.
+
+    It goes on the Whisper model itself, under a PEFT wrapper if there is one: training's forward
+    reaches it through the wrapper, and a wrapper's ``generate`` calls the base model directly.
+    """
     injector = OutOfMemoryInjector.from_env()
     if injector is not None:
-        injector.attach(module, rank)
+        injector.attach(model.get_base_model() if hasattr(model, "get_base_model") else model, rank)
         if injector.rank == rank:
             logger.warning("%s: forward passes with a batch > %d raise OutOfMemoryError on this rank",
                            INJECT_ENV, injector.limit)

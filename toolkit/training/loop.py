@@ -162,7 +162,7 @@ class TrainingRun:
         self.scheduler = build_scheduler(optimizer, config.training)
         # Counted before prepare: ZeRO-3 leaves each rank only its partition of every parameter.
         self.param_counts = trainable_parameters(model)
-        self.injector = finder.install_injector(_whisper_module(model), self.accelerator.process_index)
+        self.injector = finder.install_injector(model, self.accelerator.process_index)
         self.deepspeed = zero.is_deepspeed(self.accelerator)
         if self.deepspeed:
             zero.fill_config(self.accelerator, self.plan, config.training)
@@ -292,16 +292,11 @@ class TrainingRun:
         completed, failed = 0, False
         for _ in range(self.plan.accumulation):
             batch = next(self.batches).to(self.accelerator.device, self.input_dtype)
-            try:
-                with self.accelerator.no_sync(self.model):
-                    summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
-                    self.accelerator.backward(summed * scale)
-            except Exception as exc:
-                if not finder.is_out_of_memory(exc):
-                    raise
+            summed = self._unsynced_forward_backward(batch, scale)
+            if summed is None:
                 failed = True
                 break
-            total += summed.detach()
+            total += summed
             completed += 1
         del batch
         ranks = finder.oom_ranks(failed, self.accelerator.device)
@@ -319,27 +314,47 @@ class TrainingRun:
         for micro in range(first, self.plan.accumulation):
             tick = time.perf_counter()
             batch = next(self.batches).to(self.accelerator.device, self.input_dtype)
-            summed = None
-            try:
-                summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
-            except Exception as exc:
-                if not finder.is_out_of_memory(exc):
-                    raise
-                if self.zero_stage == 3:
-                    raise self._unrecoverable("forward", "ZeRO-3 gathers the weights from all ranks in it") from None
-            if self.zero_stage != 3:
-                ranks = finder.oom_ranks(summed is None, self.accelerator.device)
-                if ranks:
-                    return _Attempt(total, ranks, micro, time.perf_counter() - tick)
-            assert summed is not None
-            try:
-                zero.backward(self.accelerator, summed * scale, micro == self.plan.accumulation - 1)
-            except Exception as exc:
-                if finder.is_out_of_memory(exc):
-                    raise self._unrecoverable("backward", "ZeRO reduces gradients inside it") from None
-                raise
+            summed, ranks = self._deepspeed_forward(batch, "forward")
+            if ranks:
+                return _Attempt(total, ranks, micro, time.perf_counter() - tick)
+            self._deepspeed_backward(summed * scale, micro == self.plan.accumulation - 1, "backward")
             total += summed.detach()
         return _Attempt(total, [], self.plan.accumulation, 0.0)
+
+    def _unsynced_forward_backward(self, batch: Batch, scale: float) -> torch.Tensor | None:
+        """Summed loss of one micro-batch, gradients accumulated without DDP's sync; None on OOM."""
+        try:
+            with self.accelerator.no_sync(self.model):
+                summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
+                self.accelerator.backward(summed * scale)
+        except Exception as exc:
+            if not finder.is_out_of_memory(exc):
+                raise
+            return None
+        return summed.detach()
+
+    def _deepspeed_forward(self, batch: Batch, where: str) -> tuple[torch.Tensor, list[int]]:
+        """Summed loss, and the ranks whose forward ran out of memory (agreed; empty under ZeRO-3)."""
+        summed = None
+        try:
+            summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
+        except Exception as exc:
+            if not finder.is_out_of_memory(exc):
+                raise
+            if self.zero_stage == 3:
+                raise self._unrecoverable(where, "ZeRO-3 gathers the weights from all ranks in it") from None
+        if self.zero_stage == 3:
+            return summed, []  # type: ignore[return-value]
+        ranks = finder.oom_ranks(summed is None, self.accelerator.device)  # no collective is in flight here
+        return summed, ranks  # type: ignore[return-value]
+
+    def _deepspeed_backward(self, loss: torch.Tensor, last: bool, where: str) -> None:
+        try:
+            zero.backward(self.accelerator, loss, last)
+        except Exception as exc:
+            if finder.is_out_of_memory(exc):
+                raise self._unrecoverable(where, "ZeRO reduces gradients inside it") from None
+            raise
 
     def _unrecoverable(self, where: str, why: str) -> finder.UnrecoverableOutOfMemory:
         micro = self.plan.micro_batch_size
@@ -435,38 +450,19 @@ class TrainingRun:
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             for _ in range(2):
-                if self.deepspeed:
-                    summed = None
-                    try:
-                        summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
-                    except Exception as exc:
-                        if not finder.is_out_of_memory(exc):
-                            raise
-                        if self.zero_stage == 3:
-                            raise self._unrecoverable("probe's forward", "ZeRO-3 gathers the weights in it") from None
-                    if self.zero_stage != 3 and (ranks := finder.oom_ranks(summed is None, self.accelerator.device)):
-                        del summed
-                        finder.free_memory()
-                        return ranks
-                    try:
-                        # Zero gradient into ZeRO's buffers: x + 0 == x, so the first step is unchanged.
-                        zero.backward(self.accelerator, summed * 0.0, last=False)
-                    except Exception as exc:
-                        if finder.is_out_of_memory(exc):
-                            raise self._unrecoverable("probe's backward", "ZeRO reduces gradients inside it") from None
-                        raise
-                    del summed
+                if not self.deepspeed:
+                    if self._unsynced_forward_backward(batch, 0.0) is None:
+                        failed = True
+                        break
                     continue
-                try:
-                    with self.accelerator.no_sync(self.model):
-                        summed = loss_sum(self.model, batch, self.pad_id, self.start_id)
-                        self.accelerator.backward(summed * 0.0)
+                summed, ranks = self._deepspeed_forward(batch, "probe's forward")
+                if ranks:
                     del summed
-                except Exception as exc:
-                    if not finder.is_out_of_memory(exc):
-                        raise
-                    failed = True
-                    break
+                    finder.free_memory()
+                    return ranks
+                # A zero gradient into ZeRO's buffers: x + 0 == x, so the first step is unchanged.
+                self._deepspeed_backward(summed * 0.0, False, "probe's backward")
+                del summed
         if not self.deepspeed:
             self.optimizer.zero_grad(set_to_none=True)
         finder.free_memory()
@@ -640,11 +636,6 @@ class RngState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
-
-
-def _whisper_module(model: Any) -> torch.nn.Module:
-    """The Whisper model itself, under a PEFT wrapper if there is one."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class _Window:
