@@ -92,15 +92,27 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def launch(
     args: list[str], *, processes: int, env: dict[str, str] | None = None, timeout: int = 600, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m toolkit ARGS`` on ``processes`` CPU processes through ``accelerate launch``."""
+    """Run ``python -m toolkit ARGS`` on ``processes`` CPU processes through ``accelerate launch``.
+
+    A free port per launch (``--main_process_port 0``); past ``timeout`` the whole process tree is
+    killed and the test fails, so a hang never blocks the suite.
+    """
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     if processes > 1:
         full_env["ACCELERATE_USE_CPU"] = "1"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "toolkit", *args]
+               "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "toolkit", *args]
     else:
         cmd = [sys.executable, "-m", "toolkit", *args]
-    result = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)  # the workers too: a hung run must not outlive its test
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"hung for {timeout} s: {' '.join(args[:1])}\n{stderr[-5000:]}")
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if result.returncode != 0:
         print(result.stdout[-5000:], result.stderr[-8000:], sep="\n")
     return result
