@@ -199,13 +199,13 @@ class TrainingRun:
     def _initial_plan(self) -> BatchPlan:
         cfg = self.config.training
         world = self.accelerator.num_processes
-        plan = BatchPlan.create(cfg.global_batch_size, 1, world)  # refuses a global batch that does not split
         micro = cfg.micro_batch_ceiling(world)
         if self.found is not None and self.found.micro_batch_size:
             if self.found.micro_batch_size < micro:
                 logger.info("resuming at the micro-batch found before: %d", self.found.micro_batch_size)
             micro = min(micro, self.found.micro_batch_size)
-        return BatchPlan.create(plan.global_batch_size, micro, world)
+        # Refuses a global batch that does not split over the processes.
+        return BatchPlan.create(cfg.global_batch_size, max(micro, 1), world)
 
     def resume(self) -> None:
         latest = self.checkpoints.latest()
@@ -258,7 +258,6 @@ class TrainingRun:
                 total.zero_()
                 self.optimizer.zero_grad(set_to_none=True)
                 rng.restore()  # the redone step draws the same dropout masks as a run at the smaller size
-            del attempt.loss_sum
             finder.free_memory()
             self.back_off(step, attempt.failed_ranks)
             first = done // self.plan.micro_batch_size
@@ -399,14 +398,15 @@ class TrainingRun:
     def _advice(self) -> str:
         cfg = self.config
         mode = finder.current_mode(cfg.training.method, cfg.model.quantization, cfg.training.optimizer, LaunchInfo.from_env())
-        label_tokens = min(self._longest_label(), self.loaded.model.config.max_target_positions)
+        label_tokens = self._worst_label_tokens()
         return finder.advice_at_micro_batch_one(
             self.loaded.model.config, mode, self.accelerator.num_processes, label_tokens,
             cfg.training.gradient_checkpointing, finder.device_memory(self.accelerator.device),
         )
 
-    def _longest_label(self) -> int:
-        return int(self.data.label_lengths.max())
+    def _worst_label_tokens(self) -> int:
+        """The longest label of the training data, within what the decoder takes."""
+        return min(int(self.data.label_lengths.max()), self.loaded.model.config.max_target_positions)
 
     # -- the worst-case probe ---------------------------------------------------------------------
     def probe(self) -> None:
@@ -420,7 +420,7 @@ class TrainingRun:
         """
         tick = time.perf_counter()
         start = self.plan.micro_batch_size
-        label_tokens = min(self._longest_label(), self.loaded.model.config.max_target_positions)
+        label_tokens = self._worst_label_tokens()
         try:
             plan, backoffs = finder.search(
                 self.plan, lambda micro: self._probe_attempt(micro, label_tokens), step=self.state.step
