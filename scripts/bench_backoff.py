@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolkit.training.finder import INJECT_ENV
+from toolkit.oom import INJECT_ENV
 
 
 def train(launch: list[str], train_args: list[str], out: Path, micro: str, env: dict[str, str]) -> dict[str, Any]:

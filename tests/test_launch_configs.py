@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import write_audiofolder
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_DIR = REPO / "launch_configs"
 TIMEOUT_S = 300
@@ -26,22 +28,7 @@ TIMEOUT_S = 300
 pytestmark = pytest.mark.slow
 
 
-# -- fixtures (kept in this file: tests/conftest.py belongs to the shared suite) --------------------------
-
-
-def write_audiofolder(directory: Path, count: int, seed: int) -> Path:
-    import numpy as np
-    import soundfile as sf
-
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = ["file_name,sentence"]
-    for index in range(count):
-        audio = (rng.standard_normal(16000) * 0.05).astype("float32")
-        sf.write(directory / f"{index}.flac", audio, 16000, format="FLAC")
-        rows.append(f"{index}.flac,hello world number {index}")
-    (directory / "metadata.csv").write_text("\n".join(rows) + "\n")
-    return directory
+# -- fixtures (the audio: tests/conftest.py's write_audiofolder) ------------------------------------------
 
 
 def write_recipe(path: Path, model: Path, train: Path, dev: Path, **training: object) -> Path:
@@ -65,8 +52,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("launch")
     model = make_tiny_whisper(root / "tiny-whisper")
-    train = write_audiofolder(root / "data" / "train", 8, seed=0)
-    dev = write_audiofolder(root / "data" / "dev", 4, seed=1)
+    train = write_audiofolder(root / "data" / "train", 8)
+    dev = write_audiofolder(root / "data" / "dev", 4, start_seed=100)
     return {"root": root, "recipe": write_recipe(root / "recipe.yaml", model, train, dev), "cache": root / "cache"}
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import write_audiofolder
+
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 300
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -50,21 +52,7 @@ def cluster() -> None:
         pytest.skip(message)
 
 
-# -- fixtures (kept in this file: tests/conftest.py belongs to the shared suite) --------------------------
-
-
-def write_audiofolder(directory: Path, count: int, seed: int) -> Path:
-    import numpy as np
-    import soundfile as sf
-
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = ["file_name,sentence"]
-    for index in range(count):
-        sf.write(directory / f"{index}.flac", (rng.standard_normal(16000) * 0.05).astype("float32"), 16000, format="FLAC")
-        rows.append(f"{index}.flac,hello world number {index}")
-    (directory / "metadata.csv").write_text("\n".join(rows) + "\n")
-    return directory
+# -- fixtures (the audio: tests/conftest.py's write_audiofolder) ------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +61,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, cluster: None) -> dict[str, P
 
     root = tmp_path_factory.mktemp("slurm")
     model = make_tiny_whisper(root / "tiny-whisper")
-    train = write_audiofolder(root / "data" / "train", 8, seed=0)
-    dev = write_audiofolder(root / "data" / "dev", 4, seed=1)
+    train = write_audiofolder(root / "data" / "train", 8)
+    dev = write_audiofolder(root / "data" / "dev", 4, start_seed=100)
     recipe = {
         "model": {"name_or_path": str(model)},
         "data": {"train": str(train), "eval": str(dev), "num_workers": 1},

@@ -21,6 +21,7 @@ from toolkit.config import LoraConfig, ModelConfig
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""torch dtypes by their config names (``model.compute_dtype``, ``evaluate --dtype``)."""
 ADAPTER_DIR = "adapter"
 
 

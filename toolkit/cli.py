@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import typing
 import warnings
 
 from toolkit.config import ConfigError, DataConfig, EvaluationConfig, ModelConfig, load_config
@@ -31,24 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted recipe overrides: training.learning_rate=3e-5")
 
     ev = sub.add_parser("evaluate", help="WER/CER of a model on a data set; prints one JSON line")
-    ev.add_argument("--model", required=True, help="model directory or Hub id")
-    ev.add_argument("--data", required=True, help="audiofolder directory, .csv/.jsonl manifest or Hub dataset id")
-    ev.add_argument("--split", default="test", help="split expression for Hub data or split sub-directories")
-    ev.add_argument("--hub-config", default=None, help="Hub dataset configuration name")
-    ev.add_argument("--text-column", default="sentence")
-    ev.add_argument("--audio-column", default=None)
-    ev.add_argument("--language", default=None, help="Whisper language (required for multilingual checkpoints)")
-    ev.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
-    ev.add_argument("--quantization", default="none", choices=["none", "int8", "nf4"],
-                    help="load the base quantised (for a LoRA adapter directory trained that way)")
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--max-new-tokens", type=int, default=225)
-    ev.add_argument("--num-beams", type=int, default=1)
-    ev.add_argument("--max-samples", type=int, default=None)
-    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    ev.add_argument("--cache-dir", default=None)
-    ev.add_argument("--num-workers", type=int, default=1)
-    ev.add_argument("--predictions", default=None, help="also write id/reference/prediction JSON lines here")
+    _add_evaluate_arguments(ev)
 
     bench = sub.add_parser("bench", help="measurements behind design choices")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -68,10 +52,49 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="replace existing train/ and dev/ splits")
 
     plan = sub.add_parser("plan", help="estimate peak GPU memory per training mode; recommend the fastest that fits")
-    from toolkit.plan import add_arguments as add_plan_arguments
+    from toolkit.memory.report import add_arguments as add_plan_arguments
 
     add_plan_arguments(plan)
     return parser
+
+
+def _add_evaluate_arguments(ev: argparse.ArgumentParser) -> None:
+    """The ``evaluate`` options. Their defaults are the config dataclasses' own, so that a recipe and
+    the command line cannot drift apart; ``--help`` shows them."""
+    model, data, evaluation = ModelConfig(), DataConfig(), EvaluationConfig()
+    shown = " (default: %(default)s)"
+    ev.add_argument("--model", required=True, help="model directory or Hub id")
+    ev.add_argument("--data", required=True, help="audiofolder directory, .csv/.jsonl manifest or Hub dataset id")
+    ev.add_argument("--split", default=data.eval_split,
+                    help="split expression for Hub data or split sub-directories" + shown)
+    ev.add_argument("--hub-config", default=data.hub_config, help="Hub dataset configuration name")
+    ev.add_argument("--text-column", default=data.text_column, help="column holding the transcript" + shown)
+    ev.add_argument("--audio-column", default=data.audio_column,
+                    help="column holding the audio (default: auto-detected)")
+    ev.add_argument("--language", default=model.language,
+                    help="Whisper language (required for multilingual checkpoints)")
+    ev.add_argument("--task", default=model.task, choices=_choices(ModelConfig, "task"), help="Whisper task" + shown)
+    ev.add_argument("--quantization", default=model.quantization, choices=_choices(ModelConfig, "quantization"),
+                    help="load the base quantised (for a LoRA adapter directory trained that way)" + shown)
+    ev.add_argument("--batch-size", type=int, default=evaluation.batch_size,
+                    help="utterances per generate() call on one process, at most (halved on out-of-memory)" + shown)
+    ev.add_argument("--max-new-tokens", type=int, default=evaluation.max_new_tokens,
+                    help="generation length limit (tokens after the prompt)" + shown)
+    ev.add_argument("--num-beams", type=int, default=evaluation.num_beams, help="beams; 1 is greedy decoding" + shown)
+    ev.add_argument("--max-samples", type=int, default=data.max_eval_samples,
+                    help="evaluate only the first N samples (default: all)")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="weights dtype; auto is bf16 (fp16 without bf16 support) on a GPU, fp32 on CPU" + shown)
+    ev.add_argument("--cache-dir", default=data.cache_dir,
+                    help="preprocessing cache (default: $WHISPER_TOOLKIT_CACHE or ~/.cache/whisper-toolkit)")
+    ev.add_argument("--num-workers", type=int, default=data.num_workers,
+                    help="DataLoader worker processes per process" + shown)
+    ev.add_argument("--predictions", default=None, help="also write id/reference/prediction JSON lines here")
+
+
+def _choices(config_class: type, name: str) -> tuple[str, ...]:
+    """The values of a ``Literal`` config field: argparse choices taken from their one definition."""
+    return typing.get_args(typing.get_type_hints(config_class)[name])
 
 
 def setup_logging(verbose: bool) -> None:
@@ -102,13 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from toolkit.data.sources import DataError
     from toolkit.modeling import ModelLoadError
-    from toolkit.training.finder import OutOfMemoryAtMicroBatchOne, UnrecoverableOutOfMemory
+    from toolkit.oom import OutOfMemoryAtMicroBatchOne, UnrecoverableOutOfMemory
 
     try:
         if args.command == "train":
             config = load_config(args.config, args.overrides)
             setup_logging(args.verbose)
-            from toolkit.training.loop import EXIT_PREEMPTED, Preempted, train
+            from toolkit.training.loop import train
+            from toolkit.training.signals import EXIT_PREEMPTED, Preempted
 
             try:
                 train(config)
@@ -136,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(json.dumps(summary), flush=True)
         elif args.command == "plan":
-            from toolkit import plan
+            from toolkit.memory.report import run_cli as run_plan
 
-            return plan.run_cli(args)
+            return run_plan(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -149,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         # Every rank prints it: they all agreed on it (or the launcher is about to stop them).
         print(f"out of memory [rank {os.environ.get('RANK', '0')}]: {exc}", file=sys.stderr, flush=True)
         return EXIT_OUT_OF_MEMORY
+    finally:
+        from toolkit.distributed import shut_down
+
+        shut_down()
     return 0
 
 

@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the offending key."""
 
 
+WHISPER_MAX_TARGET_POSITIONS = 448
+"""Positions of Whisper's decoder (every size): the longest label sequence it can be trained on."""
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = ""
@@ -97,7 +101,7 @@ class DataConfig:
     """Column holding the audio; auto-detected when unset (``file_name``, ``audio``, ``path``, ``audio_filepath``)."""
     max_duration_s: float = 30.0
     """Clips longer than this are dropped (and counted); Whisper's window is 30 s."""
-    max_label_tokens: int = 448
+    max_label_tokens: int = WHISPER_MAX_TARGET_POSITIONS
     """Label sequences longer than this many tokens are dropped; Whisper's decoder has 448 positions."""
     max_train_samples: int | None = None
     """Use only the first N training samples (for quick runs)."""
@@ -117,8 +121,10 @@ class DataConfig:
             raise ConfigError("data.train or data.eval must be set")
         if not 0 < self.max_duration_s <= 30.0:
             raise ConfigError(f"data.max_duration_s must be in (0, 30], got {self.max_duration_s}")
-        if not 0 < self.max_label_tokens <= 448:
-            raise ConfigError(f"data.max_label_tokens must be in (0, 448], got {self.max_label_tokens}")
+        if not 0 < self.max_label_tokens <= WHISPER_MAX_TARGET_POSITIONS:
+            raise ConfigError(
+                f"data.max_label_tokens must be in (0, {WHISPER_MAX_TARGET_POSITIONS}], got {self.max_label_tokens}"
+            )
         for key in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, key)
             if value is not None and value <= 0:

@@ -52,6 +52,16 @@ def init_state() -> PartialState:
     return PartialState(**kwargs)
 
 
+def shut_down() -> None:
+    """Destroy the process group before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's threads can be torn down in the wrong order and the
+    process aborts ("terminate called without an active exception") after its work is done.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def is_main_process_env() -> bool:
     """Rank 0 according to the launcher, usable before any process group exists."""
     return int(os.environ.get("RANK", "0")) == 0

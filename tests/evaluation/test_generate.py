@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import last_json_line, launch
-from toolkit.evaluation.generate import eval_batches, eval_rounds, round_batches
+from toolkit.evaluation.generate import eval_rounds, round_batches
+
+
+def eval_batches(durations: np.ndarray, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
+    """The reference deal: longest clips first, batches dealt round-robin over ranks (all at once)."""
+    order = np.argsort(-durations, kind="stable")
+    batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    return batches[rank::world_size]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -49,6 +56,19 @@ def test_rounds_after_a_backoff_cover_the_rest_once(world: int) -> None:
     assert max(len(s) for s in shards) == eval_rounds(41 - done, 4, world)
 
 
+def test_settings_from_config_take_the_recipe_and_the_run() -> None:
+    from toolkit.config import EvaluationConfig
+    from toolkit.evaluation.generate import GenerationSettings
+
+    settings = GenerationSettings.from_config(EvaluationConfig(batch_size=8, max_new_tokens=20, num_beams=2),
+                                              num_workers=3, synced_gpus=True)
+    assert (settings.batch_size, settings.max_new_tokens, settings.num_beams) == (8, 20, 2)
+    assert (settings.num_workers, settings.synced_gpus, settings.collect_predictions) == (3, True, False)
+    assert GenerationSettings.from_config(EvaluationConfig(batch_size=8), batch_size=4).batch_size == 4
+    with pytest.raises(TypeError):
+        GenerationSettings.from_config(EvaluationConfig(), beams=2)  # a misspelt field is an error
+
+
 @pytest.fixture(scope="module")
 def tone_eval(tiny_model: Path, corpus: Path):
     """Model, dev set, collator, tokenizer and normaliser for direct evaluate_model calls."""
@@ -66,14 +86,14 @@ def tone_eval(tiny_model: Path, corpus: Path):
 
 
 def _evaluate(tone_eval, batch_size: int, limit: int | None = None):
-    from toolkit.evaluation.generate import evaluate_model
-    from toolkit.training.finder import OutOfMemoryInjector
+    from toolkit.evaluation.generate import GenerationSettings, evaluate_model
+    from toolkit.oom import OutOfMemoryInjector
 
     model, dataset, collator, tokenizer, normalize = tone_eval
     handle = OutOfMemoryInjector(rank=0, limit=limit).attach(model, 0) if limit is not None else None
     try:
-        return evaluate_model(model, dataset, collator, tokenizer, normalize, batch_size=batch_size,
-                              max_new_tokens=6, collect_predictions=True)
+        settings = GenerationSettings(batch_size=batch_size, max_new_tokens=6, collect_predictions=True)
+        return evaluate_model(model, dataset, collator, tokenizer, normalize, settings)
     finally:
         if handle is not None:
             handle.remove()
@@ -97,22 +117,22 @@ def test_generation_backs_off_to_the_size_that_fits(tone_eval, caplog: pytest.Lo
 
 
 def test_generation_that_fits_nowhere_stops(tone_eval) -> None:
-    from toolkit.training.finder import OutOfMemoryAtMicroBatchOne
+    from toolkit.oom import OutOfMemoryAtMicroBatchOne
 
     with pytest.raises(OutOfMemoryAtMicroBatchOne, match="one utterance does not fit"):
         _evaluate(tone_eval, 4, limit=0)
 
 
 def test_synced_generation_cannot_back_off(tone_eval) -> None:
-    from toolkit.evaluation.generate import evaluate_model
-    from toolkit.training.finder import OutOfMemoryInjector, UnrecoverableOutOfMemory
+    from toolkit.evaluation.generate import GenerationSettings, evaluate_model
+    from toolkit.oom import OutOfMemoryInjector, UnrecoverableOutOfMemory
 
     model, dataset, collator, tokenizer, normalize = tone_eval
     handle = OutOfMemoryInjector(rank=0, limit=2).attach(model, 0)
+    settings = GenerationSettings(batch_size=8, max_new_tokens=6, synced_gpus=True)
     try:
         with pytest.raises(UnrecoverableOutOfMemory, match=r"eval batch 8 .*evaluation.batch_size=4"):
-            evaluate_model(model, dataset, collator, tokenizer, normalize, batch_size=8, max_new_tokens=6,
-                           synced_gpus=True)
+            evaluate_model(model, dataset, collator, tokenizer, normalize, settings)
     finally:
         handle.remove()
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from toolkit.training.batching import BatchPlan
 from toolkit.training.checkpoint import CheckpointManager, TrainState
+
+PLAN = BatchPlan.create(8, 4, 1)
 
 
 class FakeAccelerator:
@@ -23,7 +26,7 @@ def test_save_rotate_keep_best(tmp_path: Path) -> None:
     for step, wer in [(10, 50.0), (20, 30.0), (30, 40.0), (40, 45.0)]:
         state.step = step
         state.record_eval(step, {"wer": wer})
-        manager.save(state)
+        manager.save(state, PLAN)
     assert [s for s, _ in manager.complete()] == [20, 30, 40]
     assert state.best_step == 20
     loaded = TrainState.load(manager.latest())
@@ -33,7 +36,7 @@ def test_save_rotate_keep_best(tmp_path: Path) -> None:
 def test_partial_checkpoints_are_ignored_and_cleaned(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path / "ckpt", keep=3, accelerator=FakeAccelerator())
     state = TrainState(step=5)
-    manager.save(state)
+    manager.save(state, PLAN)
     (tmp_path / "ckpt" / ".checkpoint-10.tmp").mkdir()
     (tmp_path / "ckpt" / "checkpoint-15").mkdir()  # no trainer_state.json: not complete
     assert manager.latest() == tmp_path / "ckpt" / "checkpoint-5"

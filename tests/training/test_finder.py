@@ -16,9 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ds_launch, launch, train_args
+from toolkit import oom
 from toolkit.config import ConfigError
-from toolkit.launch import LaunchInfo
-from toolkit.testing import make_tiny_whisper
 from toolkit.training import finder
 from toolkit.training.batching import BatchPlan, StepBatchSampler, StepSampler
 
@@ -56,52 +55,10 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused() -> N
 
 def test_step_batch_sampler_skips_the_micro_batches_a_continued_step_already_did() -> None:
     plan = BatchPlan.create(8, 2, 1)
-    sampler = StepSampler(20, plan, seed=1, rank=0)
-    full = list(StepBatchSampler(sampler, 3, 5))
-    skipped = StepBatchSampler(sampler, 3, 5, skip=3)
+    sampler = StepSampler(20, seed=1, rank=0)
+    full = list(StepBatchSampler(sampler, plan, 3, 5))
+    skipped = StepBatchSampler(sampler, plan, 3, 5, skip_samples=3 * plan.micro_batch_size)
     assert list(skipped) == full[3:] and len(skipped) == len(full) - 3
-
-
-def test_out_of_memory_errors_are_recognised() -> None:
-    assert finder.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert finder.is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
-    assert finder.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"))
-    assert finder.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 10 GB"))
-    assert not finder.is_out_of_memory(RuntimeError("shape mismatch"))
-    assert not finder.is_out_of_memory(ValueError("out of memory."))
-
-
-def test_the_injector_raises_a_real_out_of_memory_error_on_its_rank_only() -> None:
-    assert finder.OutOfMemoryInjector.from_env({}) is None
-    injector = finder.OutOfMemoryInjector.from_env({finder.INJECT_ENV: "1:4"})
-    assert injector is not None and (injector.rank, injector.limit, injector.spare) == (1, 4, 0)
-    injector.check(0, 64)  # another rank
-    injector.check(1, 4)  # at the limit
-    with pytest.raises(torch.OutOfMemoryError, match="injected") as caught:
-        injector.check(1, 5)
-    assert finder.is_out_of_memory(caught.value)
-    spared = finder.OutOfMemoryInjector.from_env({finder.INJECT_ENV: "0:1:2"})
-    assert spared is not None
-    spared.check(0, 2)
-    spared.check(0, 2)
-    with pytest.raises(torch.OutOfMemoryError):
-        spared.check(0, 2)
-    for bad in ("1", "a:b", "1:2:3:4", "-1:2"):
-        with pytest.raises(ValueError, match=finder.INJECT_ENV):
-            finder.OutOfMemoryInjector.from_env({finder.INJECT_ENV: bad})
-
-
-def test_the_injector_hook_sees_the_batch_of_training_and_generation_calls(tmp_path: Path) -> None:
-    import transformers
-
-    model = transformers.WhisperForConditionalGeneration.from_pretrained(make_tiny_whisper(tmp_path / "m")).eval()
-    finder.OutOfMemoryInjector(0, 2).attach(model, rank=0)
-    features = torch.zeros(3, model.config.num_mel_bins, 3000)
-    with pytest.raises(torch.OutOfMemoryError):
-        model(input_features=features, decoder_input_ids=torch.ones(3, 2, dtype=torch.long))
-    with pytest.raises(torch.OutOfMemoryError):
-        model.generate(features, max_new_tokens=2)
-    model(input_features=features[:2], decoder_input_ids=torch.ones(2, 2, dtype=torch.long))
 
 
 def test_search_walks_down_to_the_largest_size_that_fits_on_every_rank() -> None:
@@ -115,7 +72,7 @@ def test_search_walks_down_to_the_largest_size_that_fits_on_every_rank() -> None
     assert plan.micro_batch_size == 2 and plan.accumulation == 8 and tried == [16, 8, 4, 2]
     assert [b.to_dict() for b in backoffs] == [{"step": 0, "from": 16, "to": 8}, {"step": 0, "from": 8, "to": 4},
                                                {"step": 0, "from": 4, "to": 2}]
-    with pytest.raises(finder.OutOfMemoryAtMicroBatchOne, match=r"rank\(s\) \[0\]"):
+    with pytest.raises(oom.OutOfMemoryAtMicroBatchOne, match=r"rank\(s\) \[0\]"):
         finder.search(BatchPlan.create(4, 4, 1), lambda micro: [0])
 
 
@@ -123,26 +80,6 @@ def test_the_worst_case_batch_is_full_windows_with_the_longest_label() -> None:
     batch = finder.worst_case_batch(3, 80, 3000, 448, 51865, torch.device("cpu"))
     assert batch.input_features.shape == (3, 80, 3000) and batch.labels is not None
     assert batch.labels.shape == (3, 448) and int(batch.labels.max()) < 51865
-
-
-def test_modes_are_named_as_plan_names_them() -> None:
-    ddp, zero3 = LaunchInfo(world_size=2), LaunchInfo(world_size=2, deepspeed=True, zero_stage=3, offload_optimizer=True)
-    assert finder.current_mode("full", "none", "adamw", ddp) == "full"
-    assert finder.current_mode("full", "none", "adamw8bit", ddp) == "full-adamw8bit"
-    assert finder.current_mode("full", "none", "adamw", zero3) == "zero3-offload"
-    assert finder.current_mode("lora", "int8", "adamw", ddp) == "lora-int8"
-    assert finder.current_mode("lora", "nf4", "adamw", ddp) == "qlora-nf4"
-
-
-def test_advice_at_micro_batch_one_names_the_modes_that_fit() -> None:
-    from toolkit.plan import resolve_config
-
-    _, large = resolve_config("large-v3")
-    advice = finder.advice_at_micro_batch_one(large, "full", 1, 448, True, 16 * 2**30)
-    assert "lora-int8" in advice and "launch_configs/1gpu.yaml" in advice and "python -m toolkit plan" in advice
-    assert "full (" not in advice
-    nothing = finder.advice_at_micro_batch_one(large, "full", 1, 448, False, 2**30)
-    assert "gradient_checkpointing" in nothing and "no mode" in nothing
 
 
 # -- real runs on 2 processes -------------------------------------------------------------------------
@@ -197,7 +134,7 @@ def test_oom_on_rank_1_mid_step_backs_off_both_ranks_and_trains_as_the_smaller_m
     # Rank 1 fails on the step's second micro-batch of 4: the first one's gradient is already in.
     out = tmp_path / "run"
     result = launch(args_for(no_dropout, corpus, out, "training.micro_batch_size=4"), processes=2,
-                    env={finder.INJECT_ENV: "1:2:1"}, timeout=TIMEOUT_S)
+                    env={oom.INJECT_ENV: "1:2:1"}, timeout=TIMEOUT_S)
     assert result.returncode == 0
     summary = results(out)
     assert summary["world_size"] == 2
@@ -220,7 +157,7 @@ def test_the_probe_finds_the_size_before_the_first_step_and_changes_nothing_else
     # The final evaluation (batch 4, 10 clips) backs off too, on its own.
     args = args_for(no_dropout, corpus, out, "training.micro_batch_size=auto", f"data.eval={corpus / 'dev'}",
                     "evaluation.batch_size=4")
-    result = launch(args, processes=2, env={finder.INJECT_ENV: "1:2"}, timeout=TIMEOUT_S)
+    result = launch(args, processes=2, env={oom.INJECT_ENV: "1:2"}, timeout=TIMEOUT_S)
     assert result.returncode == 0
     summary = results(out)
     assert summary["probe"]["from"] == 8 and summary["probe"]["to"] == 2
@@ -236,7 +173,7 @@ def test_resume_keeps_the_found_micro_batch_without_probing(no_dropout: Path, co
     out = tmp_path / "run"
     args = args_for(no_dropout, corpus, out, "training.micro_batch_size=auto", "training.save_every=1",
                     "output.keep_checkpoints=5")
-    first = launch(args, processes=2, env={finder.INJECT_ENV: "1:2"}, timeout=TIMEOUT_S)
+    first = launch(args, processes=2, env={oom.INJECT_ENV: "1:2"}, timeout=TIMEOUT_S)
     assert first.returncode == 0 and results(out)["micro_batch_size"] == 2
     state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     assert (state["micro_batch_size"], state["gradient_accumulation_steps"]) == (2, 4)
@@ -255,7 +192,7 @@ def test_oom_at_micro_batch_1_stops_every_rank_with_a_clear_message(
     no_dropout: Path, corpus: Path, tmp_path: Path
 ) -> None:
     result = launch(args_for(no_dropout, corpus, tmp_path / "run", "training.micro_batch_size=2"), processes=2,
-                    env={finder.INJECT_ENV: "1:0"}, timeout=TIMEOUT_S)
+                    env={oom.INJECT_ENV: "1:0"}, timeout=TIMEOUT_S)
     assert result.returncode != 0
     for rank in (0, 1):
         assert f"out of memory [rank {rank}]: rank(s) [1] ran out of memory at micro-batch 1" in result.stderr
@@ -270,7 +207,7 @@ def test_lora_on_an_int8_base_backs_off_to_the_same_training(no_dropout: Path, c
     assert launch(args_for(no_dropout, corpus, direct, *lora, "training.micro_batch_size=2"), processes=2,
                   timeout=TIMEOUT_S).returncode == 0
     assert launch(args_for(no_dropout, corpus, backed, *lora, "training.micro_batch_size=8"), processes=2,
-                  env={finder.INJECT_ENV: "1:2"}, timeout=TIMEOUT_S).returncode == 0
+                  env={oom.INJECT_ENV: "1:2"}, timeout=TIMEOUT_S).returncode == 0
     assert results(backed)["backoffs"] == [{"step": 0, "from": 8, "to": 4}, {"step": 0, "from": 4, "to": 2}]
     assert results(backed)["world_size"] == 2
     assert_same_training(backed, direct, weights="final/adapter/adapter_model.safetensors")
@@ -282,7 +219,7 @@ def test_deepspeed_zero2_backs_off_mid_step_and_after_the_probe(
 ) -> None:
     def run(name: str, micro: str, inject: str | None) -> Path:
         out = tmp_path / name
-        env = {finder.INJECT_ENV: inject} if inject else {}
+        env = {oom.INJECT_ENV: inject} if inject else {}
         result = ds_launch("ds_zero2", args_for(no_dropout, corpus, out, f"training.micro_batch_size={micro}"),
                            tmp_path / f"{name}.log", env=env, timeout=TIMEOUT_S)
         assert result.returncode == 0
@@ -312,7 +249,7 @@ def test_the_backoff_benchmark_compares_with_a_run_started_at_the_size_found(
     from tests.conftest import ROOT
 
     args = train_args(no_dropout, corpus, tmp_path / "unused", "data.eval=null", "training.max_steps=2")[1:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", finder.INJECT_ENV: "0:2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", oom.INJECT_ENV: "0:2"}
     result = subprocess.run([sys.executable, "scripts/bench_backoff.py", "--start", "8", "--out", str(tmp_path),
                              "--", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,7 +9,8 @@ import torch
 
 from toolkit.config import ConfigError, load_config
 from toolkit.data.collator import Batch
-from toolkit.training.loop import loss_sum, make_accelerator
+from toolkit.training.loop import make_accelerator
+from toolkit.training.step import loss_sum
 
 ROOT = Path(__file__).resolve().parents[2]
 

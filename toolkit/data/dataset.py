@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from toolkit.config import WHISPER_MAX_TARGET_POSITIONS
 from toolkit.data.preprocess import PreparedSplit, Skip
 
 
@@ -44,7 +45,7 @@ class SpeechDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(
-    prepared: PreparedSplit, tokenizer: Any | None, *, max_label_tokens: int = 448, split: str = "train"
+    prepared: PreparedSplit, tokenizer: Any | None, *, max_label_tokens: int = WHISPER_MAX_TARGET_POSITIONS, split: str = "train"
 ) -> tuple[SpeechDataset, list[Skip]]:
     """Tokenise transcripts (when a tokenizer is given) and drop label sequences that are too long."""
     table = prepared.dataset

@@ -5,16 +5,18 @@ together), and batch ``i`` goes to rank ``i % world``. Every batch therefore hol
 utterances on 1 process as on N, which is what makes the WER identical across world sizes.
 
 The batch size is a ceiling (the eval batch-size finder): generation runs in rounds of one batch
-per rank, and after each round the ranks agree on whether any of them ran out of memory
-(:func:`toolkit.training.finder.oom_ranks`). If one did, every rank drops that round's results,
-halves the batch size and redoes the round from the same position of the sorted order; batches
-before the back-off keep the assignment above, so with no out-of-memory error nothing changes.
+per rank (:func:`_generate_round`), and after each round the ranks agree on whether any of them ran
+out of memory (:func:`toolkit.oom.oom_ranks`). If one did, every rank drops that round's results,
+halves the batch size and redoes the round from the same position of the sorted order
+(:func:`_generate_all`); batches before the back-off keep the assignment above, so with no
+out-of-memory error nothing changes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -27,11 +29,13 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, reduce
 
-from toolkit.data.collator import WhisperCollator
+from toolkit.config import EvaluationConfig
+from toolkit.data.collator import Batch, WhisperCollator
 from toolkit.data.dataset import SpeechDataset
 from toolkit.distributed import ignore_stop_signals
 from toolkit.evaluation.wer import CorpusCounts
-from toolkit.training.finder import (
+from toolkit.oom import (
+    Backoff,
     OutOfMemoryAtMicroBatchOne,
     UnrecoverableOutOfMemory,
     free_memory,
@@ -40,6 +44,31 @@ from toolkit.training.finder import (
 )
 
 logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How :func:`evaluate_model` generates: the recipe's ``evaluation`` section plus the run's settings."""
+
+    batch_size: int = EvaluationConfig.batch_size  # the recipe's defaults, written once
+    """Utterances per generate() call on one process, at most (halved on out-of-memory)."""
+    max_new_tokens: int = EvaluationConfig.max_new_tokens
+    """Generation length limit (tokens after the prompt)."""
+    num_beams: int = EvaluationConfig.num_beams
+    """1 is greedy decoding."""
+    synced_gpus: bool = False
+    """ZeRO-3: every generate step is a collective (weights are gathered from all ranks)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    """Context each generate() call runs in (the training run's mixed precision)."""
+    collect_predictions: bool = False
+    """Also return id/reference/prediction rows (gathered on every rank)."""
+
+    @classmethod
+    def from_config(cls, eval_cfg: EvaluationConfig, **run: Any) -> GenerationSettings:
+        """``eval_cfg``'s batch size and decoding limits; ``run`` sets (or overrides) any field."""
+        recipe = cls(batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams)
+        return dataclasses.replace(recipe, **run)
 
 
 @dataclass
@@ -50,14 +79,7 @@ class EvalResult:
     batch_size: int = 0
     """The eval batch size generation finished with (the one asked for unless it backed off)."""
     backoffs: list[dict[str, int]] = field(default_factory=list)
-    """Each out-of-memory back-off, in order: ``{"from": 8, "to": 4}``."""
-
-
-def eval_batches(durations: np.ndarray, batch_size: int, world_size: int, rank: int) -> list[list[int]]:
-    """This rank's batches: longest clips first, batches dealt round-robin over ranks."""
-    order = np.argsort(-durations, kind="stable")
-    batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-    return batches[rank::world_size]
+    """Each out-of-memory back-off, in order: ``{"from": 8, "to": 4}`` (:meth:`toolkit.oom.Backoff.to_dict`)."""
 
 
 def eval_rounds(num_samples: int, batch_size: int, world_size: int) -> int:
@@ -69,8 +91,9 @@ def round_batches(order: np.ndarray, start: int, batch_size: int, world_size: in
     """This rank's batches of ``order[start:]``, one per round while its slice is not empty.
 
     Round ``r`` covers positions ``[start + r*world*bs, start + (r+1)*world*bs)`` and rank ``k``
-    takes the ``k``-th ``bs`` of them: from ``start = 0`` these are exactly :func:`eval_batches`.
-    A rank's slice can only be empty in the last round, so batch ``j`` of the list is round ``j``.
+    takes the ``k``-th ``bs`` of them: from ``start = 0``, batch ``i`` of the sorted order goes to
+    rank ``i % world``. A rank's slice can only be empty in the last round, so batch ``j`` of the
+    list is round ``j``.
     """
     stride = world_size * batch_size
     return [
@@ -89,6 +112,35 @@ def generation_config_for(model: Any, *, max_new_tokens: int, num_beams: int) ->
     return config
 
 
+@dataclass
+class _Evaluation:
+    """One :func:`evaluate_model` call: what every round uses, and what the rounds kept so far."""
+
+    model: Any
+    dataset: SpeechDataset
+    collator: WhisperCollator
+    tokenizer: Any
+    normalize: Callable[[str], str]
+    settings: GenerationSettings
+    state: PartialState
+    gen_config: Any
+    device: torch.device
+    dtype: torch.dtype
+    counts: CorpusCounts = field(default_factory=CorpusCounts.zero)
+    predictions: list[dict[str, str]] = field(default_factory=list)
+    filler: torch.Tensor | None = None
+    """ZeRO-3's throw-away input for a rank with no batch left in a round (built once, on demand)."""
+
+    def record(self, batch: Batch, hypotheses: list[str]) -> None:
+        """Count a round's batch (called only once every rank has agreed that the round succeeded)."""
+        self.counts.add_batch(batch.texts, hypotheses, self.normalize)
+        if self.settings.collect_predictions:
+            self.predictions += [
+                {"id": i, "reference": r, "prediction": h}
+                for i, r, h in zip(batch.ids, batch.texts, hypotheses, strict=True)
+            ]
+
+
 @torch.no_grad()
 def evaluate_model(
     model: Any,
@@ -96,14 +148,7 @@ def evaluate_model(
     collator: WhisperCollator,
     tokenizer: Any,
     normalize: Callable[[str], str],
-    *,
-    batch_size: int = 16,
-    max_new_tokens: int = 225,
-    num_beams: int = 1,
-    synced_gpus: bool = False,
-    num_workers: int = 0,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    collect_predictions: bool = False,
+    settings: GenerationSettings,
 ) -> EvalResult:
     """Transcribe ``dataset`` on all ranks and return the corpus metrics (same on every rank)."""
     state = PartialState()
@@ -112,87 +157,16 @@ def evaluate_model(
     model.eval()
     # The first floating-point weight gives device and compute dtype (a quantised base also holds int8).
     param = next(p for p in model.parameters() if p.is_floating_point())
-    device, dtype = param.device, param.dtype
-    gen_config = generation_config_for(model, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    run = _Evaluation(
+        model, dataset, collator, tokenizer, normalize, settings, state,
+        gen_config=generation_config_for(model, max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams),
+        device=param.device, dtype=param.dtype,
+    )
+    size, backoffs = _generate_all(run)
 
-    order = np.argsort(-dataset.durations, kind="stable")
-    world, rank = state.num_processes, state.process_index
-    counts = CorpusCounts.zero()
-    predictions: list[dict[str, str]] = []
-    backoffs: list[dict[str, int]] = []
-    filler = None
-    position, size = 0, batch_size
-    while position < len(order):
-        # A fresh loader from the first utterance not yet done, at the current size; a back-off
-        # drops it (and its prefetching workers) and comes back here.
-        mine = round_batches(order, position, size, world, rank)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=mine, collate_fn=collator, num_workers=num_workers,
-            worker_init_fn=ignore_stop_signals,
-        )
-        batches = iter(loader) if mine else iter(())  # no workers to start for a rank with nothing left
-        failing: list[int] = []
-        for _ in range(eval_rounds(len(order) - position, size, world)):
-            batch = next(batches, None)
-            features = None
-            if batch is not None:
-                features = batch.input_features
-            elif synced_gpus:
-                # Under ZeRO-3 every generate step is a collective: a rank without a batch in this
-                # round steps on a throw-away batch so that the others do not wait for it forever.
-                if filler is None:
-                    filler = collator([dataset[0]]).input_features
-                features = filler
-            hypotheses, failed = None, False
-            if features is not None:
-                try:
-                    hypotheses = _transcribe(model, features.to(device, dtype), gen_config, tokenizer, synced_gpus, autocast)
-                except Exception as exc:
-                    if not is_out_of_memory(exc):
-                        raise
-                    if synced_gpus:
-                        # The other ranks are inside this generate's collectives: no agreement is possible.
-                        remedy = (
-                            f"set evaluation.batch_size={size // 2}" if size > 1 else
-                            "lower evaluation.max_new_tokens or evaluation.num_beams"
-                        )
-                        raise UnrecoverableOutOfMemory(
-                            f"generation ran out of memory at eval batch {size} under ZeRO-3 (synced generation "
-                            f"cannot back off: the other ranks are inside a collective); {remedy}"
-                        ) from exc
-                    failed = True
-            # Synced generation raised above on any OOM: nothing to agree on.
-            failing = [] if synced_gpus else oom_ranks(failed, state.device)
-            if failing:
-                break
-            if batch is not None:
-                counts.add_batch(batch.texts, hypotheses, normalize)
-                if collect_predictions:
-                    predictions += [
-                        {"id": i, "reference": r, "prediction": h}
-                        for i, r, h in zip(batch.ids, batch.texts, hypotheses, strict=True)
-                    ]
-            position = min(position + world * size, len(order))
-        del batches, loader  # shuts down the prefetching workers
-        if not failing:
-            continue  # every round done: position reached the end
-        # Out of the except block (its traceback held the failed attempt's tensors): free, then shrink.
-        free_memory()
-        if size == 1:
-            raise OutOfMemoryAtMicroBatchOne(
-                f"generation of one utterance does not fit in memory on rank(s) {failing} (eval batch 1); "
-                f"lower evaluation.max_new_tokens ({max_new_tokens}) or evaluation.num_beams ({num_beams}), "
-                "or load the model in a smaller mode (bf16/fp16 dtype, int8/nf4 quantization)"
-            )
-        smaller = size // 2
-        logger.warning(
-            "generation ran out of memory on rank(s) %s at eval batch %d; retrying with %d", failing, size, smaller
-        )
-        backoffs.append({"from": size, "to": smaller})
-        size = smaller
-
-    total = CorpusCounts.from_tensor(reduce(counts.to_tensor().to(state.device), reduction="sum").cpu())
-    if state.num_processes > 1 and collect_predictions:
+    total = CorpusCounts.from_tensor(reduce(run.counts.to_tensor().to(state.device), reduction="sum").cpu())
+    predictions = run.predictions
+    if state.num_processes > 1 and settings.collect_predictions:
         predictions = gather_object(predictions)
     predictions.sort(key=lambda p: p["id"])
     seconds = time.perf_counter() - start
@@ -200,19 +174,105 @@ def evaluate_model(
     metrics["utterances_per_second"] = round(total.num_samples / seconds, 3) if seconds > 0 else None
     if was_training:
         model.train()
-    return EvalResult(metrics, predictions, batch_size=size, backoffs=backoffs)
+    return EvalResult(metrics, predictions, batch_size=size, backoffs=[b.to_dict() for b in backoffs])
 
 
-def _transcribe(
-    model: Any,
-    features: torch.Tensor,
-    gen_config: Any,
-    tokenizer: Any,
-    synced_gpus: bool,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-) -> list[str]:
-    with autocast():
-        ids = model.generate(features, generation_config=gen_config, synced_gpus=synced_gpus)
+def _generate_all(run: _Evaluation) -> tuple[int, list[Backoff]]:
+    """Walk the sorted order in rounds, halving the batch on every agreed out-of-memory error.
+
+    Returns the batch size generation finished with and the back-offs, in order.
+    """
+    order = np.argsort(-run.dataset.durations, kind="stable")
+    position, size = 0, run.settings.batch_size
+    backoffs: list[Backoff] = []
+    while position < len(order):
+        position, failing = _rounds_from(run, order, position, size)
+        if not failing:
+            continue  # every round done: position reached the end
+        # Out of the except block (its traceback held the failed attempt's tensors): free, then shrink.
+        free_memory()
+        if size == 1:
+            raise OutOfMemoryAtMicroBatchOne(
+                f"generation of one utterance does not fit in memory on rank(s) {failing} (eval batch 1); "
+                f"lower evaluation.max_new_tokens ({run.settings.max_new_tokens}) or evaluation.num_beams "
+                f"({run.settings.num_beams}), or load the model in a smaller mode (bf16/fp16 dtype, int8/nf4 "
+                "quantization)"
+            )
+        smaller = size // 2
+        logger.warning(
+            "generation ran out of memory on rank(s) %s at eval batch %d; retrying with %d", failing, size, smaller
+        )
+        backoffs.append(Backoff(size, smaller))
+        size = smaller
+    return size, backoffs
+
+
+def _rounds_from(run: _Evaluation, order: np.ndarray, position: int, size: int) -> tuple[int, list[int]]:
+    """Rounds at ``size`` from ``position`` until the end or a round some rank ran out of memory in.
+
+    Returns the position of the first utterance not yet done and the failing ranks (empty at the end).
+    """
+    world = run.state.num_processes
+    # A fresh loader from the first utterance not yet done, at the current size; a back-off drops it
+    # (and its prefetching workers) on return.
+    mine = round_batches(order, position, size, world, run.state.process_index)
+    loader = torch.utils.data.DataLoader(
+        run.dataset, batch_sampler=mine, collate_fn=run.collator, num_workers=run.settings.num_workers,
+        worker_init_fn=ignore_stop_signals,
+    )
+    batches = iter(loader) if mine else iter(())  # no workers to start for a rank with nothing left
+    for _ in range(eval_rounds(len(order) - position, size, world)):
+        batch = next(batches, None)
+        hypotheses, failed = _generate_round(run, batch, size)
+        # Synced generation raised in _generate_round on any OOM: nothing to agree on.
+        failing = [] if run.settings.synced_gpus else oom_ranks(failed, run.state.device)
+        if failing:
+            return position, failing
+        if batch is not None:
+            run.record(batch, hypotheses)
+        position = min(position + world * size, len(order))
+    return position, []
+
+
+def _generate_round(run: _Evaluation, batch: Batch | None, size: int) -> tuple[list[str] | None, bool]:
+    """This rank's part of one round: ``(hypotheses, False)``, or ``(None, True)`` if it ran out of memory.
+
+    ``batch`` is None for a rank with nothing left in the last round; under ZeRO-3 it still steps,
+    on a throw-away batch. ``size`` is the round's eval batch size (for the error message).
+    """
+    features = None
+    if batch is not None:
+        features = batch.input_features
+    elif run.settings.synced_gpus:
+        # Under ZeRO-3 every generate step is a collective: a rank without a batch in this round steps
+        # on a throw-away batch so that the others do not wait for it forever.
+        if run.filler is None:
+            run.filler = run.collator([run.dataset[0]]).input_features
+        features = run.filler
+    if features is None:
+        return None, False
+    try:
+        return _transcribe(run, features.to(run.device, run.dtype)), False
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if run.settings.synced_gpus:
+            # The other ranks are inside this generate's collectives: no agreement is possible.
+            remedy = (
+                f"set evaluation.batch_size={size // 2}" if size > 1 else
+                "lower evaluation.max_new_tokens or evaluation.num_beams"
+            )
+            raise UnrecoverableOutOfMemory(
+                f"generation ran out of memory at eval batch {size} under ZeRO-3 (synced generation "
+                f"cannot back off: the other ranks are inside a collective); {remedy}"
+            ) from exc
+    return None, True
+
+
+def _transcribe(run: _Evaluation, features: torch.Tensor) -> list[str]:
+    synced = run.settings.synced_gpus
+    with run.settings.autocast():
+        ids = run.model.generate(features, generation_config=run.gen_config, synced_gpus=synced)
     if not isinstance(ids, torch.Tensor):
         ids = ids["sequences"]
-    return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return [text.strip() for text in run.tokenizer.batch_decode(ids, skip_special_tokens=True)]

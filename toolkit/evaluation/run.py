@@ -10,17 +10,16 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
+from toolkit.adapters import DTYPES
 from toolkit.config import DataConfig, EvaluationConfig, ModelConfig
 from toolkit.data.collator import WhisperCollator
 from toolkit.data.pipeline import load_split
-from toolkit.evaluation.generate import EvalResult, evaluate_model
+from toolkit.evaluation.generate import EvalResult, GenerationSettings, evaluate_model
 from toolkit.evaluation.normalize import make_normalizer
 from toolkit.modeling import load_model
-from toolkit.training.finder import install_injector
+from toolkit.oom import install_injector
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -52,10 +51,11 @@ def run_evaluate(
     tokenizer = loaded.processor.tokenizer
     split = load_split("eval", data_cfg, tokenizer=None)
     collator = WhisperCollator(loaded.processor.feature_extractor, model.config.decoder_start_token_id)
+    settings = GenerationSettings.from_config(
+        eval_cfg, num_workers=data_cfg.num_workers, collect_predictions=predictions_path is not None
+    )
     result: EvalResult = evaluate_model(
-        model, split.dataset, collator, tokenizer, make_normalizer(loaded.english, tokenizer),
-        batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
-        num_workers=data_cfg.num_workers, collect_predictions=predictions_path is not None,
+        model, split.dataset, collator, tokenizer, make_normalizer(loaded.english, tokenizer), settings
     )
     metrics = {
         **result.metrics, "skipped": len(split.skips), "world_size": state.num_processes,

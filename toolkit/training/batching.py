@@ -82,13 +82,12 @@ class BatchPlan:
 
 
 class StepSampler:
-    """Which samples each optimizer step uses, on every rank."""
+    """Which samples each optimizer step uses, on every rank; the batch plan is always passed in."""
 
-    def __init__(self, num_samples: int, plan: BatchPlan, seed: int, rank: int):
+    def __init__(self, num_samples: int, seed: int, rank: int):
         if num_samples <= 0:
             raise ValueError("no training samples")
         self.num_samples = num_samples
-        self.plan = plan
         self.seed = seed
         self.rank = rank
 
@@ -96,9 +95,9 @@ class StepSampler:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
-    def step_indices(self, step: int) -> np.ndarray:
+    def step_indices(self, step: int, plan: BatchPlan) -> np.ndarray:
         """All ``global_batch_size`` sample indices of ``step``, in rank order."""
-        g = self.plan.global_batch_size
+        g = plan.global_batch_size
         positions = np.arange(step * g, (step + 1) * g)
         epochs, offsets = np.divmod(positions, self.num_samples)
         out = np.empty(g, dtype=np.int64)
@@ -107,30 +106,39 @@ class StepSampler:
             out[mask] = self._epoch_order(int(epoch))[offsets[mask]]
         return out
 
-    def rank_indices(self, step: int) -> np.ndarray:
-        share = self.plan.per_rank
-        return self.step_indices(step)[self.rank * share : (self.rank + 1) * share]
+    def rank_indices(self, step: int, plan: BatchPlan) -> np.ndarray:
+        share = plan.per_rank
+        return self.step_indices(step, plan)[self.rank * share : (self.rank + 1) * share]
 
-    def micro_batches(self, step: int) -> list[list[int]]:
-        mine = self.rank_indices(step).tolist()
-        m = self.plan.micro_batch_size
+    def micro_batches(self, step: int, plan: BatchPlan, offset: int = 0) -> list[list[int]]:
+        """This rank's micro-batches of ``step`` from its ``offset``-th sample on.
+
+        A step continued after a back-off starts at the samples already done, which need not be a
+        multiple of the new micro-batch (20 per rank: micro-batch 5 -> 2); its last micro-batch
+        may then be smaller than the others.
+        """
+        mine = self.rank_indices(step, plan).tolist()[offset:]
+        m = plan.micro_batch_size
         return [mine[i : i + m] for i in range(0, len(mine), m)]
 
-    def epoch_of(self, step: int) -> float:
-        return step * self.plan.global_batch_size / self.num_samples
+    def epoch_of(self, step: int, plan: BatchPlan) -> float:
+        return step * plan.global_batch_size / self.num_samples
 
 
 class StepBatchSampler:
     """A DataLoader ``batch_sampler`` that yields this rank's micro-batches for steps ``[start, stop)``."""
 
-    def __init__(self, sampler: StepSampler, start: int, stop: int, skip: int = 0):
-        """``skip``: micro-batches of step ``start`` already done (a step continued after a back-off)."""
-        self.sampler, self.start, self.stop, self.skip = sampler, start, stop, skip
+    def __init__(self, sampler: StepSampler, plan: BatchPlan, start: int, stop: int, skip_samples: int = 0):
+        """``skip_samples``: this rank's samples of step ``start`` already done (a step continued after a back-off)."""
+        self.sampler, self.plan = sampler, plan
+        self.start, self.stop, self.skip_samples = start, stop, skip_samples
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.stop):
-            batches = self.sampler.micro_batches(step)
-            yield from batches[self.skip :] if step == self.start else batches
+            yield from self.sampler.micro_batches(step, self.plan, self.skip_samples if step == self.start else 0)
 
     def __len__(self) -> int:
-        return (self.stop - self.start) * self.sampler.plan.accumulation - self.skip
+        if self.stop <= self.start:
+            return 0
+        first = -(-(self.plan.per_rank - self.skip_samples) // self.plan.micro_batch_size)
+        return first + (self.stop - self.start - 1) * self.plan.accumulation

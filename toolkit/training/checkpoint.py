@@ -2,8 +2,8 @@
 
 A checkpoint is written by all ranks into ``.checkpoint-N.tmp`` and renamed to ``checkpoint-N``
 by rank 0 once every rank has finished, so a directory with the final name is always complete
-(``output.dir`` must be on a filesystem all nodes share). The loop's own state (step, batch
-sizes, best WER) is ``trainer_state.json`` inside it, next to accelerate's model, optimizer,
+(``output.dir`` must be on a filesystem all nodes share). The loop's own state (step, best WER,
+back-offs, and the batch plan it trained at) is ``trainer_state.json`` inside it, next to accelerate's model, optimizer,
 scheduler and per-rank RNG states.
 """
 
@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toolkit.training.batching import BatchPlan
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
@@ -28,8 +30,6 @@ class TrainState:
     """What the loop needs besides model/optimizer/scheduler/RNG to continue exactly."""
 
     step: int = 0
-    micro_batch_size: int | None = None
-    gradient_accumulation_steps: int | None = None
     best_metric: float | None = None
     best_step: int | None = None
     backoffs: list[dict[str, int]] = field(default_factory=list)
@@ -39,12 +39,14 @@ class TrainState:
     eval_backoffs: list[dict[str, int]] = field(default_factory=list)
     eval_history: list[dict[str, Any]] = field(default_factory=list)
 
-    def save(self, directory: Path) -> None:
-        (directory / STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
+    def save(self, directory: Path, plan: BatchPlan) -> None:
+        """Write the state with the batch plan it was trained at (derived here, never kept twice)."""
+        batch = {"micro_batch_size": plan.micro_batch_size, "gradient_accumulation_steps": plan.accumulation}
+        (directory / STATE_FILE).write_text(json.dumps({**asdict(self), **batch}, indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> TrainState:
-        return cls(**json.loads((directory / STATE_FILE).read_text()))
+        return SavedState.read(directory).state
 
     def record_eval(self, step: int, metrics: dict[str, Any]) -> bool:
         """Remember an evaluation; True when it is the best WER so far."""
@@ -53,6 +55,22 @@ class TrainState:
             self.best_metric, self.best_step = metrics["wer"], step
             return True
         return False
+
+
+@dataclass
+class SavedState:
+    """A checkpoint's ``trainer_state.json``, read once: the state and the micro-batch it was trained at."""
+
+    path: Path
+    state: TrainState
+    micro_batch_size: int | None
+
+    @classmethod
+    def read(cls, directory: Path) -> SavedState:
+        values = json.loads((directory / STATE_FILE).read_text())
+        micro = values.pop("micro_batch_size", None)
+        values.pop("gradient_accumulation_steps", None)  # derived from the micro-batch and the recipe
+        return cls(directory, TrainState(**values), micro)
 
 
 class CheckpointManager:
@@ -79,6 +97,11 @@ class CheckpointManager:
         done = self.complete()
         return done[-1][1] if done else None
 
+    def latest_saved(self) -> SavedState | None:
+        """The newest complete checkpoint's state, or None for a fresh run."""
+        latest = self.latest()
+        return SavedState.read(latest) if latest is not None else None
+
     def clean_partial(self) -> None:
         """Remove temp directories a killed run left behind (rank 0, before anyone writes)."""
         if self.accelerator.is_main_process and self.root.is_dir():
@@ -86,7 +109,7 @@ class CheckpointManager:
                 shutil.rmtree(child, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
-    def save(self, state: TrainState) -> Path:
+    def save(self, state: TrainState, plan: BatchPlan) -> Path:
         final = self.path_for(state.step)
         if final.is_dir():
             return final
@@ -97,7 +120,7 @@ class CheckpointManager:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp), safe_serialization=True)
         if self.accelerator.is_main_process:
-            state.save(tmp)
+            state.save(tmp, plan)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             tmp.rename(final)

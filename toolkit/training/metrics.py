@@ -1,14 +1,74 @@
-"""Run metrics: one JSON object per line in ``metrics.jsonl`` and the same scalars in TensorBoard."""
+"""Run metrics: what a step did, sums over log windows, and the writers.
+
+Each log line is one JSON object in ``metrics.jsonl``; the same scalars go to TensorBoard.
+"""
 
 from __future__ import annotations
 
 import json
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did; ``loss_sum`` is this rank's, the counts are the global step's."""
+
+    loss_sum: torch.Tensor
+    tokens: int
+    samples: int
+    audio_seconds: float
+    seconds: float
+    grad_norm: float | None = None
+
+
+class Window:
+    """Sums of :class:`StepStats` over a span of steps (between two log lines, or the whole run)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.tokens = self.samples = 0
+        self.audio = self.seconds = 0.0
+        self.grad_norm: float | None = None
+
+    def add(self, stats: StepStats) -> None:
+        self.losses.append(stats.loss_sum)
+        self.tokens += stats.tokens
+        self.samples += stats.samples
+        self.audio += stats.audio_seconds
+        self.seconds += stats.seconds
+        self.grad_norm = stats.grad_norm
+
+    def rates(self) -> dict[str, float | None]:
+        if not self.seconds:
+            return {"train_samples_per_second": None, "train_audio_seconds_per_second": None}
+        return {
+            "train_samples_per_second": round(self.samples / self.seconds, 4),
+            "train_audio_seconds_per_second": round(self.audio / self.seconds, 3),
+        }
+
+    def flush(self, accelerator: Accelerator) -> dict[str, Any]:
+        """Mean token loss over all ranks (one all-reduce) and throughput; then start a new window."""
+        total = float(accelerator.reduce(torch.stack(self.losses).sum(), reduction="sum"))
+        rates = self.rates()
+        values: dict[str, Any] = {
+            "loss": total / self.tokens,
+            "samples_per_second": rates["train_samples_per_second"],
+            "audio_seconds_per_second": rates["train_audio_seconds_per_second"],
+        }
+        if self.grad_norm is not None:
+            values["grad_norm"] = round(self.grad_norm, 5)
+        self.reset()
+        return values
 
 
 class MetricsLogger:

@@ -10,7 +10,7 @@ loop stays the same; this module holds what differs (checked with accelerate 1.1
   ``fp16``/``bf16.enabled`` are filled by accelerate itself from ``Accelerator(mixed_precision=...)``,
   i.e. the recipe. A number written into the JSON that disagrees with the recipe is a ConfigError.
 * **Backward and step.** ``engine.backward`` divides the loss by ``gradient_accumulation_steps``
-  (our loss is already normalised over the whole global step, see ``loop.py``), and accelerate's
+  (our loss is already normalised over the whole global step, see ``step.py``), and accelerate's
   ``accelerator.backward`` calls ``engine.step()`` whenever ``sync_gradients`` is true, which it
   always is outside ``accelerator.accumulate``. :func:`backward` therefore passes
   ``scale_wrt_gas=False`` and marks only the step's last micro-batch as the accumulation boundary:
@@ -209,17 +209,17 @@ def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def ensure_scheduler_drives(scheduler: Any, optimizer: Any, rebuild: Any) -> Any:
+def ensure_scheduler_drives(scheduler: Any, optimizer: Any, cfg: TrainingConfig, build: Any) -> Any:
     """Return a scheduler bound to the torch optimizer that DeepSpeed steps.
 
     Without offload that is the toolkit's own AdamW (ZeRO wraps it): nothing to do. With optimizer
     offload accelerate builds a DeepSpeedCPUAdam from the AdamW's param-group dicts; the two share
     those dicts only until ``load_state`` (torch's ``Optimizer.load_state_dict`` installs new ones), so
     a schedule left on the AdamW would stop reaching the optimizer after a resume (the lr would freeze
-    at its checkpointed value). ``rebuild(optimizer)`` makes the same schedule on the right optimizer.
+    at its checkpointed value). ``build(optimizer, cfg)`` makes the same schedule on the right optimizer.
     """
     inner = innermost_optimizer(optimizer)
     if scheduler.optimizer is inner:
         return scheduler
     logger.info("DeepSpeed applies the update with %s; the lr schedule follows it", type(inner).__name__)
-    return rebuild(inner)
+    return build(inner, cfg)
