@@ -62,8 +62,20 @@ def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
         ("training.learning_rate=-1", "training.learning_rate must be positive"),
         ("training.mixed_precision=fp8", "training.mixed_precision must be one of 'no', 'fp16', 'bf16'"),
         ("model.freeze_encoder=maybe", "model.freeze_encoder must be true or false"),
-        ("training.micro_batch_size=32", "training.micro_batch_size (32) exceeds training.global_batch_size (16)"),
-        ("training.warmup_steps=11", "training.warmup_steps must be in [0, training.max_steps=10]"),
+        ("training.warmup_steps=-1", "training.warmup_steps must be >= 0, got -1"),
+        ("training.seed=-1", "training.seed must be in [0, 2**32), got -1"),
+        ("training.seed=4294967296", "training.seed must be in [0, 2**32)"),
+        # NaN passes a check written `x <= 0`; it and infinity are refused for every float key.
+        ("training.learning_rate=nan", "training.learning_rate must be a finite number, got 'nan'"),
+        ("training.learning_rate=.inf", "training.learning_rate must be a finite number, got inf"),
+        ("training.adam_epsilon=nan", "training.adam_epsilon must be a finite number"),
+        ("training.max_grad_norm=nan", "training.max_grad_norm must be a finite number"),
+        ("training.max_grad_norm=inf", "training.max_grad_norm must be a finite number"),
+        ("training.weight_decay=nan", "training.weight_decay must be a finite number"),
+        ("training.weight_decay=-.inf", "training.weight_decay must be a finite number, got -inf"),
+        ("training.adam_beta1=nan", "training.adam_beta1 must be a finite number"),
+        ("model.mask_time_prob=.nan", "model.mask_time_prob must be a finite number"),
+        ("lora.dropout=nan", "lora.dropout must be a finite number"),
         ("data.max_duration_s=40", "data.max_duration_s must be in (0, 30]"),
         ("model.language=dhivehi", "model.language: Whisper has no language 'dhivehi'"),
         ("output.push_to_hub=true", "output.push_to_hub needs output.hub_model_id"),
@@ -94,7 +106,7 @@ def test_missing_required_and_bad_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "model: [unclosed"))
     with pytest.raises(ConfigError, match="training must be a mapping, got int"):
-        load_config(write(tmp_path, BASE + "training: 3\n"))
+        load_config(write(tmp_path, BASE.replace("training: {max_steps: 10}", "training: 3")))
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_config(write(tmp_path, "- a\n- b\n"))
 
@@ -168,3 +180,108 @@ def test_micro_batch_auto_is_the_per_process_batch_and_turns_the_probe_on() -> N
         load_config(None, [*base, "training.micro_batch_size=0"])
     with pytest.raises(ConfigError, match="micro_batch_size"):
         load_config(None, [*base, "training.micro_batch_size=big"])
+
+
+def test_nan_in_a_recipe_file_is_refused(tmp_path: Path) -> None:
+    recipe = write(tmp_path, BASE.replace("{max_steps: 10}", "{max_steps: 10, learning_rate: .nan}"))
+    with pytest.raises(ConfigError, match=r"^training.learning_rate must be a finite number, got nan$"):
+        load_config(recipe)
+
+
+def test_validation_refuses_nan_in_a_config_built_in_code(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, BASE))
+    for key in ("learning_rate", "adam_epsilon", "max_grad_norm", "weight_decay"):
+        setattr(config.training, key, float("nan"))
+        with pytest.raises(ConfigError, match=f"training.{key} must be"):
+            config.validate()
+        setattr(config.training, key, 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (BASE + "training: {max_steps: 3}\n",
+         r"recipe .*recipe.yaml: duplicate key training on line 6 \(first on line 4\); keep one$"),
+        ("model:\n  name_or_path: a\n  language: german\n  name_or_path: b\n",
+         r"duplicate key model.name_or_path on line 4 \(first on line 2\)"),
+        ("lora:\n  target_modules:\n    - {a: 1, a: 2}\n", r"duplicate key lora.target_modules\[0\].a on line 3"),
+    ],
+)
+def test_duplicate_keys_are_refused_with_their_lines(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_unreadable_recipes_are_one_line_errors(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(BASE.encode() + "# café\n".encode("latin-1"))
+    errors = []
+    for path in (latin1, tmp_path):
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        errors.append(str(info.value))
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "model:\n  name_or_path: [a,\n"))
+    errors.append(str(info.value))
+    assert errors[0] == f"recipe {latin1} is not UTF-8 text (byte 0xe9 on line 6); save it as UTF-8"
+    assert errors[1] == f"recipe {tmp_path} is not a file"
+    assert errors[2].startswith(f"recipe {tmp_path / 'recipe.yaml'} is not valid YAML: line 3, column 1: ")
+    assert all("\n" not in error for error in errors)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbf" + BASE.encode())
+    assert load_config(bom).training.max_steps == 10
+
+
+def test_output_dir_must_be_a_writable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    recipe = write(tmp_path, BASE)
+    cases = {
+        str(a_file): f"output.dir: {a_file} is a file, not a directory",
+        str(a_file / "run" / "x"): f"output.dir: {a_file / 'run' / 'x'} lies under {a_file}, which is a file",
+    }
+    for value, message in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(recipe, [f"output.dir={value}"])
+        assert str(info.value) == message
+    assert load_config(recipe, [f"output.dir={tmp_path / 'new' / 'run'}"]).output.dir.endswith("run")
+    # Root passes permission bits, so a read-only directory is simulated where the check asks.
+    import toolkit.config
+
+    monkeypatch.setattr(toolkit.config.os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ConfigError, match=f"output.dir: {tmp_path / 'new'} is not writable"):
+        load_config(recipe, [f"output.dir={tmp_path / 'new'}"])
+
+
+def test_uneven_global_batch_is_refused_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from toolkit.cli import EXIT_CONFIG, main
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="training.global_batch_size=16 cannot be split evenly over 3 processes"):
+        load_config(write(tmp_path, BASE))
+    assert load_config(write(tmp_path, BASE), ["training.global_batch_size=18"]).training.micro_batch_ceiling(3) == 6
+    # The model does not exist: a config error (2), not the model's (3), shows the check ran first.
+    assert main(["train", "--config", str(write(tmp_path, BASE)), f"model.name_or_path={tmp_path / 'none'}"]) == EXIT_CONFIG
+    assert "cannot be split evenly over 3 processes" in capsys.readouterr().err
+
+
+def test_ceilings_are_clamped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    demo = ROOT / "recipes" / "demo.yaml"  # micro-batch 8, warm-up 6
+    with caplog.at_level("WARNING", logger="toolkit.config"):
+        small = load_config(demo, ["model.name_or_path=x", "training.global_batch_size=4"]).training
+        short = load_config(demo, ["model.name_or_path=x", "training.max_steps=3"]).training
+    assert small.micro_batch_size == 8 and small.micro_batch_ceiling(1) == 4
+    assert "training.micro_batch_size=8 is more than the 4 samples per process" in caplog.text
+    assert (short.max_steps, short.warmup_steps) == (3, 3)
+    assert "training.warmup_steps=6 is more than training.max_steps=3: warming up over all 3 steps" in caplog.text
+
+
+def test_bad_launcher_settings_are_config_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "ds.json"
+    broken.write_text('{"zero_optimization": {"stage": 3,}}')
+    with pytest.raises(ConfigError, match=f"DeepSpeed config {broken} is not valid JSON: "):
+        LaunchInfo.from_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(broken)})
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE='two' \(set by the launcher\) must be a positive integer"):
+        LaunchInfo.from_env({"WORLD_SIZE": "two"})

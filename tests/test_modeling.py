@@ -21,7 +21,8 @@ def test_english_only_takes_no_language(tiny_model: Path) -> None:
 
 
 def test_multilingual_needs_a_language_and_sets_the_prompt(tiny_multilingual_model: Path) -> None:
-    with pytest.raises(ConfigError, match="model.language is required for the multilingual checkpoint"):
+    with pytest.raises(ConfigError, match=r"model.language is required for the multilingual checkpoint .* \(evaluate: "
+                                          r"--language\), whose generation config records none"):
         load_model(ModelConfig(name_or_path=str(tiny_multilingual_model)))
     loaded = load_model(ModelConfig(name_or_path=str(tiny_multilingual_model), language="si", stand_in_for="dhivehi"))
     assert loaded.language == "sinhala" and not loaded.english  # "si" -> its canonical name
@@ -43,6 +44,26 @@ def test_training_options(tiny_model: Path) -> None:
     assert 0 < trainable < total
 
 
-def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="could not load Whisper checkpoint"):
-        load_model(ModelConfig(name_or_path=str(tmp_path / "nope")))
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.bin").write_text("x")
+    expected = {
+        str(tmp_path / "nope"): f"no such model directory: {tmp_path / 'nope'}",
+        "runs/x/final": "no such model directory: runs/x/final",  # two slashes: no Hub id
+        "./final": "no such model directory: ./final",
+        "no such dir": "no such model directory: no such dir",  # not a valid Hub id either
+        "weights.bin": "model weights.bin is a file; give the Whisper checkpoint's directory",
+    }
+    for name, message in expected.items():
+        with pytest.raises(ModelLoadError) as info:
+            load_model(ModelConfig(name_or_path=name))
+        assert str(info.value) == message
+    # A name that may be a Hub id goes to the Hub; its several-line error comes back as one line.
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the variable is too late
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelConfig(name_or_path="someone/not-here"))
+    text = str(info.value)
+    assert text.startswith("could not load Whisper checkpoint 'someone/not-here': not a local directory; from the Hub: ")
+    assert "\n" not in text

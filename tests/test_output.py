@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,72 @@ def test_export_keeps_the_english_spelling_map(tiny_model: Path, tmp_path: Path)
     reloaded = WhisperProcessor.from_pretrained(tmp_path / "final")
     assert reloaded.tokenizer.english_spelling_normalizer == {"colour": "color"}
     assert reloaded.tokenizer.normalize("Colour") == "color"
+
+
+def _tiny_export_inputs(tiny_model: Path):  # noqa: ANN202
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    return WhisperForConditionalGeneration.from_pretrained(tiny_model), WhisperProcessor.from_pretrained(tiny_model)
+
+
+def test_final_is_replaced_whole_or_not_at_all(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from toolkit.output import export_model
+
+    model, processor = _tiny_export_inputs(tiny_model)
+    config = RunConfig()
+    config.model.name_or_path = str(tiny_model)
+    final = tmp_path / "final"
+    export_model(model, processor, final, config, {"eval": None, "steps": 1})
+    (final / "marker").write_text("the first export")
+    before = sorted(p.name for p in final.iterdir())
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(processor), "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(model, processor, final, config, {"eval": None, "steps": 2})
+    assert sorted(p.name for p in final.iterdir()) == before  # the old final/ untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no partial copy left
+    monkeypatch.undo()
+    export_model(model, processor, final, config, {"eval": None, "steps": 3})
+    assert not (final / "marker").exists() and "Steps: 3" in (final / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_final_follows_the_umask(tiny_model: Path, tmp_path: Path, umask: int) -> None:
+    from toolkit.output import export_model
+
+    model, processor = _tiny_export_inputs(tiny_model)
+    config = RunConfig()
+    config.model.name_or_path = str(tiny_model)
+    old = os.umask(umask)
+    try:
+        export_model(model, processor, tmp_path / "final", config, {"eval": None})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "final").iterdir()}
+    assert modes["model.safetensors"] == 0o666 & ~umask  # safetensors writes 0600 by itself
+    assert set(modes.values()) == {0o666 & ~umask}
+    assert (tmp_path / "final").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_final_names_local_paths_by_their_last_component(tiny_model: Path, tmp_path: Path) -> None:
+    from toolkit.output import export_model
+
+    model, processor = _tiny_export_inputs(tiny_model)
+    config = RunConfig()
+    config.model.name_or_path = str(tiny_model)
+    config.data.train, config.data.eval = str(tmp_path / "corpus" / "train"), "someone/hub-dataset"
+    config.output.dir = str(tmp_path / "runs" / "x")
+    export_model(model, processor, tmp_path / "final", config, {"eval": None})
+    for path in (tmp_path / "final").iterdir():
+        text = path.read_text(errors="replace")
+        assert str(tmp_path) not in text and str(tiny_model.parent) not in text, path.name
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "base_model:" not in card  # the Hub's metadata names Hub repositories only
+    assert f"from `{tiny_model.name}` on `train`" in card and "Evaluation on `someone/hub-dataset`" in card
+    assert "dir: x" in card
+    config.model.name_or_path = "openai/whisper-tiny.en"
+    assert "base_model: openai/whisper-tiny.en\n" in model_card(config, {})

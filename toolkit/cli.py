@@ -12,14 +12,23 @@ import os
 import sys
 import typing
 import warnings
+from pathlib import Path
 
-from toolkit.config import ConfigError, DataConfig, EvaluationConfig, ModelConfig, load_config
+from toolkit.config import (
+    ConfigError,
+    DataConfig,
+    EvaluationConfig,
+    ModelConfig,
+    check_writable_dir,
+    load_config,
+)
 
 logger = logging.getLogger("toolkit")
 
 EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_OUT_OF_MEMORY = 4
+EXIT_NONFINITE = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +81,10 @@ def _add_evaluate_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--audio-column", default=data.audio_column,
                     help="column holding the audio (default: auto-detected)")
     ev.add_argument("--language", default=model.language,
-                    help="Whisper language (required for multilingual checkpoints)")
-    ev.add_argument("--task", default=model.task, choices=_choices(ModelConfig, "task"), help="Whisper task" + shown)
+                    help="Whisper language (default: the one the checkpoint's generation config records; "
+                         "multilingual checkpoints need one)")
+    ev.add_argument("--task", default=None, choices=_choices(ModelConfig, "task"),
+                    help=f"Whisper task (default: the checkpoint's, else {model.task})")
     ev.add_argument("--quantization", default=model.quantization, choices=_choices(ModelConfig, "quantization"),
                     help="load the base quantised (for a LoRA adapter directory trained that way)" + shown)
     ev.add_argument("--batch-size", type=int, default=evaluation.batch_size,
@@ -121,24 +132,43 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a launched process (one of several ranks) then leaves without interpreter teardown."""
+    code = _run(argv)
+    from toolkit.distributed import leave
+
+    return leave(code)
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from toolkit.data.sources import DataError
-    from toolkit.modeling import ModelLoadError
+    from toolkit.modeling import ModelLoadError, check_model_source
     from toolkit.oom import OutOfMemoryAtMicroBatchOne, UnrecoverableOutOfMemory
 
     try:
         if args.command == "train":
-            config = load_config(args.config, args.overrides)
+            # Logging first, so that what validation clamps is logged like the rest (the imports it
+            # costs are already made: ModelLoadError's module above).
             setup_logging(args.verbose)
+            config = load_config(args.config, args.overrides)
+            check_model_source(config.model.name_or_path)
+            from toolkit.training.checkpoint import CheckpointWriteError
             from toolkit.training.loop import train
             from toolkit.training.signals import EXIT_PREEMPTED, Preempted
+            from toolkit.training.step import NonFiniteTraining
 
             try:
                 train(config)
             except Preempted as exc:
                 print(str(exc), file=sys.stderr)
                 return EXIT_PREEMPTED
+            except CheckpointWriteError as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                return EXIT_DATA
+            except NonFiniteTraining as exc:
+                print(f"non-finite training [rank {os.environ.get('RANK', '0')}]: {exc}", file=sys.stderr, flush=True)
+                return EXIT_NONFINITE
         elif args.command == "evaluate":
             setup_logging(args.verbose)
             return _evaluate(args)
@@ -146,9 +176,14 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(args.verbose)
             from toolkit import bench
 
+            check_model_source(args.model)
+            if args.workdir:
+                check_writable_dir("--workdir", args.workdir)
             print(json.dumps(bench.run_features(args.data, args.model, args.samples, args.batch_size, args.workdir)))
         elif args.command == "synth":
             from toolkit import synth
+
+            check_writable_dir("--out", args.out)
 
             def progress(done: int, total: int) -> None:
                 if done % 100 == 0 or done == total:
@@ -173,18 +208,21 @@ def main(argv: list[str] | None = None) -> int:
         # Every rank prints it: they all agreed on it (or the launcher is about to stop them).
         print(f"out of memory [rank {os.environ.get('RANK', '0')}]: {exc}", file=sys.stderr, flush=True)
         return EXIT_OUT_OF_MEMORY
-    finally:
-        from toolkit.distributed import shut_down
-
-        shut_down()
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from toolkit.distributed import init_state
-    from toolkit.evaluation.run import run_evaluate
+    from toolkit.evaluation.run import evaluation_prompt, run_evaluate
+    from toolkit.modeling import check_model_source
 
-    model_cfg = ModelConfig(name_or_path=args.model, language=args.language, task=args.task, quantization=args.quantization)
+    check_model_source(args.model)
+    if args.predictions:  # checked now: it is written after the whole evaluation
+        if Path(args.predictions).is_dir():
+            raise ConfigError(f"--predictions: {args.predictions} is a directory; give a file name")
+        check_writable_dir("--predictions", str(Path(args.predictions).parent))
+    language, task = evaluation_prompt(args.model, args.language, args.task)
+    model_cfg = ModelConfig(name_or_path=args.model, language=language, task=task, quantization=args.quantization)
     data_cfg = DataConfig(
         eval=args.data, eval_split=args.split, hub_config=args.hub_config, text_column=args.text_column,
         audio_column=args.audio_column, max_eval_samples=args.max_samples, cache_dir=args.cache_dir,

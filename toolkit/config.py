@@ -1,20 +1,21 @@
 """Run configuration: typed dataclasses, loaded from a YAML recipe plus dotted CLI overrides.
 
 Every recipe key lives in exactly one dataclass field below, with its docstring next to it.
-Loading validates everything up front: an unknown key, a wrong type or an impossible value
-raises :class:`ConfigError` with a one-line message that names the dotted key.
+Loading validates everything up front, before the model or the data: an unknown key, a wrong type
+or an impossible value raises :class:`ConfigError` with a one-line message that names the dotted
+key. Reading the file and the overrides, and the type checks, are :mod:`toolkit.recipe`'s.
 
 Values that depend on the launch (world size) are derived, never stored: see
-:func:`toolkit.training.batching.BatchPlan`.
+:func:`toolkit.training.batching.BatchPlan`. They are checked here all the same, with the world
+size the launcher asked for (:class:`toolkit.launch.LaunchInfo`), so that a global batch that does
+not split over the processes is refused before anything loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import logging
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,11 +23,9 @@ from typing import Any, Literal
 import yaml
 
 from toolkit.launch import LaunchInfo
+from toolkit.recipe import ConfigError, apply_override, build_dataclass, read_recipe
 
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the offending key."""
-
+logger = logging.getLogger(__name__)
 
 WHISPER_MAX_TARGET_POSITIONS = 448
 """Positions of Whisper's decoder (every size): the longest label sequence it can be trained on."""
@@ -102,7 +101,8 @@ class DataConfig:
     max_duration_s: float = 30.0
     """Clips longer than this are dropped (and counted); Whisper's window is 30 s."""
     max_label_tokens: int = WHISPER_MAX_TARGET_POSITIONS
-    """Label sequences longer than this many tokens are dropped; Whisper's decoder has 448 positions."""
+    """Label sequences longer than this many tokens are dropped; Whisper's decoder has 448 positions.
+    Eval references too (counted as skips): one over-long reference would dominate the WER."""
     max_train_samples: int | None = None
     """Use only the first N training samples (for quick runs)."""
     max_eval_samples: int | None = None
@@ -114,7 +114,11 @@ class DataConfig:
     num_workers: int = 1
     """DataLoader worker processes per rank (log-mel features are computed there)."""
     fail_on_skip: bool = False
-    """Abort instead of skipping when a sample is unreadable, corrupt, silent-NaN or has no transcript."""
+    """Abort instead of skipping when a sample is unreadable, corrupt, NaN/absurdly loud or has no transcript."""
+    dedup: bool = False
+    """Drop rows of a local source that repeat an earlier row: the same audio file (resolved path) with
+    the same transcript (once stripped). They become skips (``duplicate``); off, they are kept and a
+    warning gives their count. Both splits; Hub datasets are not checked."""
 
     def validate(self) -> None:
         if not self.train and not self.eval:
@@ -155,18 +159,19 @@ class TrainingConfig:
     """Samples per optimizer step, over all processes: micro x accumulation x world size."""
     micro_batch_size: int | Literal["auto"] = "auto"
     """Samples per forward pass on one process, at most: a number, or ``auto`` for the per-process
-    batch (global / world size). On out-of-memory every process halves it together and accumulation
-    doubles, so the global batch is unchanged (see ``toolkit/training/finder.py``)."""
+    batch (global / world size); a number above the per-process batch is lowered to it, with a warning.
+    On out-of-memory every process halves it together and accumulation doubles, so the global batch is
+    unchanged (see ``toolkit/training/finder.py``)."""
     probe_micro_batch: bool | None = None
     """Before the first step, find the largest micro-batch that fits on a worst-case batch (30 s
     clips, the longest label). Default (null): on when micro_batch_size is ``auto``. Skipped on resume:
     the size found is kept in the checkpoint."""
     learning_rate: float = 1e-5
-    """Peak learning rate."""
+    """Peak learning rate (positive)."""
     lr_scheduler: Literal["linear", "constant"] = "linear"
     """Linear decay to zero after warm-up, or constant after warm-up."""
     warmup_steps: int = 0
-    """Optimizer steps of linear warm-up."""
+    """Optimizer steps of linear warm-up; more than ``max_steps`` is lowered to ``max_steps``, with a warning."""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norms)."""
     adam_beta1: float = 0.9
@@ -182,11 +187,18 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     seed: int = 42
-    """Seed for initialisation, data order and dropout."""
+    """Seed for initialisation, data order and dropout, in [0, 2**32) (what numpy accepts)."""
     log_every: int = 10
     """Optimizer steps between metric lines."""
     save_every: int = 0
     """Optimizer steps between checkpoints; 0 saves only at the end."""
+    max_nonfinite_steps: int = 3
+    """Consecutive steps with a non-finite loss or gradient norm (each skipped, its samples recorded in
+    ``skipped.jsonl``) after which the run stops with exit 5; the newest checkpoint is then known good."""
+    resume: Literal["auto", "force"] = "auto"
+    """``auto`` resumes from the newest valid checkpoint of ``output.dir`` only if what defines the
+    optimisation (data, global batch, lr schedule, seed, model) is unchanged; ``force`` resumes anyway
+    and records the change."""
 
     @property
     def probe(self) -> bool:
@@ -201,36 +213,58 @@ class TrainingConfig:
     def validate(self) -> None:
         if self.max_steps <= 0:
             raise ConfigError(f"training.max_steps must be positive, got {self.max_steps}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"training.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.global_batch_size <= 0:
             raise ConfigError(f"training.global_batch_size must be positive, got {self.global_batch_size}")
         if self.micro_batch_size == "auto":
             pass
         elif self.micro_batch_size <= 0:
             raise ConfigError(f"training.micro_batch_size must be positive or auto, got {self.micro_batch_size}")
-        elif self.micro_batch_size > self.global_batch_size:
-            raise ConfigError(
-                f"training.micro_batch_size ({self.micro_batch_size}) exceeds "
-                f"training.global_batch_size ({self.global_batch_size})"
-            )
-        if self.learning_rate <= 0:
+        # Written as `not x > 0`, not `x <= 0`: NaN fails every comparison, and must fail the check
+        # (recipes cannot hold NaN, see toolkit.recipe, but a config built in code can).
+        if not self.learning_rate > 0:
             raise ConfigError(f"training.learning_rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.warmup_steps <= self.max_steps:
-            raise ConfigError(
-                f"training.warmup_steps must be in [0, training.max_steps={self.max_steps}], got {self.warmup_steps}"
-            )
-        if self.weight_decay < 0:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"training.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.weight_decay >= 0:
             raise ConfigError(f"training.weight_decay must be >= 0, got {self.weight_decay}")
         for key in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"training.{key} must be in [0, 1), got {getattr(self, key)}")
-        if self.adam_epsilon <= 0:
+        if not self.adam_epsilon > 0:
             raise ConfigError(f"training.adam_epsilon must be positive, got {self.adam_epsilon}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"training.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"training.seed must be in [0, 2**32), got {self.seed}")
         if self.log_every <= 0:
             raise ConfigError(f"training.log_every must be positive, got {self.log_every}")
         if self.save_every < 0:
             raise ConfigError(f"training.save_every must be >= 0, got {self.save_every}")
+
+    def clamp(self, world_size: int) -> list[str]:
+        """Lower the values documented as ceilings to what the run can use; one message per value.
+
+        Warm-up longer than the run becomes the whole run, so that a short trial of a long recipe
+        (``training.max_steps=3``) runs. It is stored, as the lr schedule reads ``warmup_steps``
+        (and ``recipe.yaml`` then shows the warm-up that ran). A micro-batch above the per-process
+        batch is only reported: :meth:`micro_batch_ceiling` applies it for each world size.
+        """
+        notes = []
+        if self.warmup_steps > self.max_steps:
+            notes.append(
+                f"training.warmup_steps={self.warmup_steps} is more than training.max_steps={self.max_steps}: "
+                f"warming up over all {self.max_steps} steps"
+            )
+            self.warmup_steps = self.max_steps
+        per_rank = self.global_batch_size // world_size
+        if self.micro_batch_size != "auto" and self.micro_batch_size > per_rank:
+            notes.append(
+                f"training.micro_batch_size={self.micro_batch_size} is more than the {per_rank} samples per process "
+                f"(training.global_batch_size={self.global_batch_size} over {world_size} process(es)): using {per_rank}"
+            )
+        return notes
 
 
 @dataclass
@@ -284,7 +318,8 @@ class EvaluationConfig:
 @dataclass
 class OutputConfig:
     dir: str = ""
-    """Output directory: checkpoints/, final/, metrics.jsonl, results.json, skipped.jsonl, tensorboard/."""
+    """Output directory: checkpoints/, final/, metrics.jsonl, results.json, skipped.jsonl, tensorboard/.
+    Checked at load: a directory, or one that can be created, writable by this user."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep (the best one by WER is kept on top of these)."""
     final_model: Literal["last", "best"] = "last"
@@ -301,10 +336,30 @@ class OutputConfig:
     def validate(self) -> None:
         if not self.dir:
             raise ConfigError("output.dir is required")
+        check_writable_dir("output.dir", self.dir)
         if self.keep_checkpoints < 1:
             raise ConfigError(f"output.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("output.push_to_hub needs output.hub_model_id")
+
+
+def check_writable_dir(key: str, value: str) -> None:
+    """Refuse a directory that this user cannot create or write into, at load time: a run would
+    otherwise find out at its first write, after the model and the data have loaded."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}: {value} is a file, not a directory")
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{key}: {value} is a broken symbolic link")
+    existing = path
+    while not existing.exists():  # `exists` is False below a file too: the walk stops at that file
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {value} lies under {existing}, which is a file")
+    # os.access asks the kernel with this process's ids, so another user's directory and a read-only
+    # filesystem are refused (root passes permission bits, not EROFS); creating entries needs "x" too.
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {value} is not writable ({existing} does not let this user create files)")
 
 
 @dataclass
@@ -318,19 +373,31 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
-    def validate(self, *, for_training: bool = True, launch: LaunchInfo | None = None) -> None:
+    def validate(self, *, for_training: bool = True, launch: LaunchInfo | None = None) -> list[str]:
+        """Refuse what cannot run (:class:`ConfigError`); return one message per value lowered to its
+        ceiling (:meth:`TrainingConfig.clamp`). ``launch`` defaults to what the launcher asked for."""
+        launch = launch or LaunchInfo.from_env()
         self.model.validate()
         self.data.validate()
         self.evaluation.validate()
         self.lora.validate()
-        check_combinations(self, launch or LaunchInfo.from_env())
-        if for_training:
-            if not self.data.train:
-                raise ConfigError("data.train is required for training")
-            self.training.validate()
-            self.output.validate()
-            if self.output.final_model == "best" and not (self.data.eval and self.evaluation.every_steps):
-                raise ConfigError("output.final_model=best needs data.eval and evaluation.every_steps > 0")
+        check_combinations(self, launch)
+        if not for_training:
+            return []
+        if not self.data.train:
+            raise ConfigError("data.train is required for training")
+        self.training.validate()
+        self.output.validate()
+        if self.output.final_model == "best" and not (self.data.eval and self.evaluation.every_steps):
+            raise ConfigError("output.final_model=best needs data.eval and evaluation.every_steps > 0")
+        # Here, not when the batch plan is made: that is after the model has loaded and the data decoded.
+        world, global_batch = launch.world_size, self.training.global_batch_size
+        if global_batch % world:
+            raise ConfigError(
+                f"training.global_batch_size={global_batch} cannot be split evenly over {world} processes; "
+                f"use a multiple of {world}"
+            )
+        return self.training.clamp(world)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -366,123 +433,17 @@ def check_combinations(config: RunConfig, launch: LaunchInfo) -> None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, *, for_training: bool = True) -> RunConfig:
-    """Read a YAML recipe, apply ``section.key=value`` overrides, and validate the result."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded or {}
+    """Read a YAML recipe, apply ``section.key=value`` overrides, validate the result, and log what
+    validation clamped (on the main process only: every rank loads the recipe)."""
+    raw = read_recipe(path) if path is not None else {}
     for item in overrides or []:
         apply_override(raw, item)
-    config = build_dataclass(RunConfig, raw, prefix="")
-    config.validate(for_training=for_training)
+    config: RunConfig = build_dataclass(RunConfig, raw, prefix="")
+    notes = config.validate(for_training=for_training)
+    if notes and int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            logger.warning(note)
     return config
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b=value`` override in place; the value is parsed as YAML (numbers, bools, null)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
-    key, _, text = item.partition("=")
-    parts = key.strip().split(".")
-    if len(parts) < 2 or not all(parts):
-        raise ConfigError(f"override key {key!r} must be dotted, like training.learning_rate")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
-    """Build ``cls`` from a mapping, checking every key and type; ``prefix`` names the section in errors."""
-    where = prefix.rstrip(".") or "recipe"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(fields)})"
-            raise ConfigError(f"unknown key {prefix}{key}{hint}")
-        hint_type = hints[key]
-        if dataclasses.is_dataclass(hint_type):
-            kwargs[key] = build_dataclass(hint_type, value, prefix=f"{prefix}{key}.")
-        else:
-            kwargs[key] = coerce(value, hint_type, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a field's type hint, converting only what YAML cannot express."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
-    if origin is list:
-        if isinstance(value, str):  # `lora.target_modules=q_proj,v_proj` on the command line
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML reads "1e-5" (no dot) as a string; accept any float literal.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {_type_name(hint)}")  # pragma: no cover - programming error
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", str(hint))
 
 
 def dump_config(config: RunConfig) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -52,14 +53,51 @@ def init_state() -> PartialState:
     return PartialState(**kwargs)
 
 
-def shut_down() -> None:
-    """Destroy the process group before the interpreter exits.
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object; one broadcast when there are several ranks)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
-    Left to interpreter shutdown, gloo's threads can be torn down in the wrong order and the
-    process aborts ("terminate called without an active exception") after its work is done.
+
+def exit_with_launcher() -> None:
+    """Have the kernel send this process SIGTERM when its launcher dies (Linux ``PR_SET_PDEATHSIG``).
+
+    torch elastic starts each rank in a session of its own, so killing the launcher's process group
+    leaves the ranks training as orphans. With this they get a stop signal instead, checkpoint at
+    the next step boundary and exit, as on a preemption. A no-op outside a launcher or off Linux.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the launcher died before the call: nobody would send the signal
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def leave(code: int) -> int:
+    """End a command: return ``code``, or, in one of several launched ranks, exit with it at once.
+
+    Interpreter teardown (C++ static destructors, finalizers) races with the threads gloo and
+    DeepSpeed leave running: now and then a rank whose work was done aborted there ("terminate
+    called without an active exception", exit -6) and failed the whole launch. Every file the
+    command wrote is closed by now; stdout, stderr and the log handlers are flushed, and
+    ``os._exit`` skips the teardown. A single process destroys its process group and returns.
+    """
+    if launched_world_size() <= 1:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return code
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_main_process_env() -> bool:

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.recipe import ConfigError
+
 
 @dataclass(frozen=True)
 class LaunchInfo:
@@ -33,13 +35,22 @@ class LaunchInfo:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LaunchInfo:
         env = os.environ if env is None else env
-        world = int(env.get("WORLD_SIZE", "1"))
+        world_text = env.get("WORLD_SIZE", "1")
+        if not world_text.isdigit() or int(world_text) < 1:
+            raise ConfigError(f"WORLD_SIZE={world_text!r} (set by the launcher) must be a positive integer")
+        world = int(world_text)
         if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
             return cls(world_size=world)
         ds: dict = {}
         config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         if config_file and config_file != "none" and Path(config_file).is_file():
-            ds = json.loads(Path(config_file).read_text()).get("zero_optimization", {})
+            try:
+                loaded = json.loads(Path(config_file).read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"DeepSpeed config {config_file} is not valid JSON: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"DeepSpeed config {config_file} must be a JSON object")
+            ds = loaded.get("zero_optimization") or {}
         stage = ds.get("stage", env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"))
 
         def offloaded(key: str, env_key: str) -> bool:

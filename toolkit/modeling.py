@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import WhisperForConditionalGeneration, WhisperProcessor
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
 from toolkit.adapters import DTYPES, adapter_base, apply_lora, prepare_quantized, quantization_config
@@ -19,6 +21,57 @@ logger = logging.getLogger(__name__)
 
 class ModelLoadError(RuntimeError):
     """The checkpoint could not be loaded (missing directory, no Hub access, not a Whisper model)."""
+
+
+def is_local_reference(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` means a local path rather than a Hub repository id: it exists here,
+    is written as a path (absolute, ``./``, ``../``, ``~``, two or more ``/``), or is no valid Hub id."""
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        return True
+    if Path(name_or_path).exists():
+        return True
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Refuse a local model path that is not a directory, before anything loads. A Hub id (``a/b``)
+    that is not a local directory is left to the Hub; transformers would take a missing path for a
+    malformed Hub id and say only that."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ModelLoadError(f"model {name_or_path} is a file; give the Whisper checkpoint's directory")
+    if is_local_reference(name_or_path):
+        raise ModelLoadError(f"no such model directory: {name_or_path}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """transformers' and the Hub's messages run over several lines; the first one says what happened."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def recorded_prompt(name_or_path: str) -> tuple[str | None, str | None]:
+    """The language and task a checkpoint's generation config records (a fine-tune's ``final/`` and
+    ``final/adapter/`` do; openai's checkpoints record none): ``(None, None)`` where there is none
+    (or it cannot be read: loading the model then says why)."""
+    sources = [name_or_path]
+    if Path(name_or_path).is_dir() and (base := adapter_base(Path(name_or_path))):
+        sources.append(base)  # an adapter directory written before it held its generation config
+    for source in sources:
+        try:
+            gen = GenerationConfig.from_pretrained(source)
+        except Exception:  # missing file, no Hub, bad JSON: loading the model reports it properly
+            continue
+        language, task = getattr(gen, "language", None), getattr(gen, "task", None)
+        if language or task:
+            return language, task
+    return None, None
 
 
 @dataclass
@@ -37,11 +90,11 @@ def language_name(language: str) -> str:
 
 
 def load_processor(model_cfg: ModelConfig, *, english_only: bool, source: str | None = None) -> WhisperProcessor:
-    source = source or model_cfg.name_or_path
+    source = source or os.path.expanduser(model_cfg.name_or_path)
     try:
         processor = WhisperProcessor.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load the processor of {source!r}: {exc}") from exc
+        raise ModelLoadError(f"could not load the processor of {source!r}: {_first_line(exc)}") from exc
     language = None if english_only else language_name(model_cfg.language or "")
     processor.tokenizer.set_prefix_tokens(language=language, task=None if english_only else model_cfg.task, predict_timestamps=False)
     return processor
@@ -66,6 +119,7 @@ def check_language(model_cfg: ModelConfig, english_only: bool) -> None:
     elif not model_cfg.language:
         raise ConfigError(
             f"model.language is required for the multilingual checkpoint {model_cfg.name_or_path} "
+            "(evaluate: --language), whose generation config records none "
             "(a Whisper language; for another language, the closest one plus model.stand_in_for)"
         )
 
@@ -93,8 +147,11 @@ def load_model(
     ``model_cfg.name_or_path`` may also be a LoRA adapter directory (``final/adapter``): its base is
     loaded (quantised as ``model.quantization`` says) and the adapter applied on top.
     """
-    source = model_cfg.name_or_path
+    source = os.path.expanduser(model_cfg.name_or_path)
+    check_model_source(source)
     adapter = adapter_base(Path(source)) if Path(source).is_dir() else None
+    if adapter:
+        check_model_source(adapter)  # the base the adapter was trained on may have moved since
     base = adapter or source
     frozen = training_cfg is not None and training_cfg.method == "lora"
     kwargs: dict[str, Any] = {"dtype": dtype or load_dtype(model_cfg, device, frozen_base=frozen)}
@@ -104,7 +161,8 @@ def load_model(
     try:
         model = WhisperForConditionalGeneration.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load Whisper checkpoint {base!r}: {exc}") from exc
+        where = "" if Path(base).is_dir() else "not a local directory; from the Hub: "
+        raise ModelLoadError(f"could not load Whisper checkpoint {base!r}: {where}{_first_line(exc)}") from exc
     if adapter:
         from peft import PeftModel
 

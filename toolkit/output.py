@@ -1,9 +1,17 @@
-"""What a run leaves behind: ``final/`` (model, processor, model card), ``results.json``, ``skipped.jsonl``."""
+"""What a run leaves behind: ``final/`` (model, processor, model card), ``results.json``, ``skipped.jsonl``.
+
+``final/`` is what gets published (``output.push_to_hub``), so it is written whole or not at all,
+with the permissions the umask gives, and names local paths (the base checkpoint, the data) by
+their last component only.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -12,6 +20,7 @@ from typing import Any
 from toolkit.adapters import ADAPTER_DIR, export_merged, is_peft
 from toolkit.config import RunConfig, dump_config
 from toolkit.data.preprocess import Skip
+from toolkit.modeling import is_local_reference
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +54,71 @@ def export_model(
     A LoRA model is saved as its adapter in ``target/adapter`` (with the processor, so the
     directory evaluates on its own) and, with ``output.merge_lora``, merged into ``target``.
     ``state_dict`` is the full state gathered from all ranks (ZeRO-3), when the model's own is partitioned.
+
+    Everything is written into ``.NAME.tmp`` beside ``target`` and renamed into place only when
+    complete: a failure (a full disk) removes the partial copy and leaves an older ``target`` as it was.
     """
-    target.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while exporting
+    staging.mkdir(parents=True)
+    try:
+        _write_final(model, processor, staging, config, results, state_dict)
+        follow_umask(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_dir(staging, target)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the directory ``new`` at ``target``, replacing what is there: the old one is renamed away
+    first and deleted last, so ``target`` is never a mix of the two (at worst, after a crash between
+    the renames, absent, with both copies complete beside it)."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process umask. Read from /proc where it can be: setting it to read it back, the only
+    portable way, would briefly change it for every thread (TensorBoard's writer creates files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(directory: Path) -> None:
+    """Give ``directory`` and everything in it the modes a plain ``open``/``mkdir`` would:
+    transformers leaves ``model.safetensors`` at 0600 whatever the umask, the rest follows it."""
+    mask = current_umask()
+    for path in [directory, *directory.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _write_final(
+    model: Any, processor: Any, target: Path, config: RunConfig, results: dict[str, Any], state_dict: dict[str, Any] | None
+) -> None:
     if is_peft(model):
         adapter_dir = target / ADAPTER_DIR
         model.save_pretrained(str(adapter_dir))
         processor.save_pretrained(str(adapter_dir))
         _save_spelling_map(processor, adapter_dir)
+        # What the run trained with (language, task), which the base's own generation config lacks:
+        # `evaluate` takes them from here when the command line does not give them.
+        model.generation_config.save_pretrained(str(adapter_dir))
         if config.output.merge_lora:
             export_merged(adapter_dir, config.model.name_or_path, target)
+            model.generation_config.save_pretrained(str(target))
     else:
         model.config.use_cache = True
         if getattr(model, "is_activation_checkpointing", False):
@@ -72,7 +137,32 @@ def _save_spelling_map(processor: Any, target: Path) -> None:
         (target / "normalizer.json").write_text(json.dumps(spelling, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+PATH_KEYS = (("model", "name_or_path"), ("data", "train"), ("data", "eval"), ("data", "cache_dir"), ("output", "dir"))
+"""The recipe keys that can hold a local path."""
+
+
+def public_name(value: str | None) -> str | None:
+    """How ``final/`` names a model or data source: a Hub id as it is, a local path by its last
+    component (the full path means nothing on the Hub, and tells about this machine)."""
+    if not value or not is_local_reference(value):
+        return value
+    return Path(value).expanduser().resolve().name or value
+
+
+def public_config(config: RunConfig) -> RunConfig:
+    """A copy of ``config`` with :func:`public_name` applied to the keys that can hold a local path."""
+    public = copy.deepcopy(config)
+    for section, key in PATH_KEYS:
+        part = getattr(public, section)
+        setattr(part, key, public_name(getattr(part, key)))
+    return public
+
+
 def model_card(config: RunConfig, results: dict[str, Any]) -> str:
+    """``final/README.md``: metadata, results and the recipe, with local paths reduced to their names."""
+    # The card's base_model metadata names a Hub repository: a local base gets none.
+    base_model = "" if is_local_reference(config.model.name_or_path) else f"base_model: {config.model.name_or_path}\n"
+    config = public_config(config)
     lang = config.model.language or "English (English-only checkpoint)"
     if config.model.stand_in_for:
         lang = f"{config.model.stand_in_for} (decoded with Whisper's {config.model.language} token as a stand-in)"
@@ -83,8 +173,7 @@ def model_card(config: RunConfig, results: dict[str, Any]) -> str:
     return f"""---
 library_name: transformers
 pipeline_tag: automatic-speech-recognition
-base_model: {config.model.name_or_path}
-tags: [whisper, whisper-toolkit]
+{base_model}tags: [whisper, whisper-toolkit]
 ---
 
 # Fine-tuned {Path(config.model.name_or_path).name}

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import write_clip
-from toolkit.data.audio import AudioError, decode_audio
+from toolkit.data.audio import MAX_PEAK, AudioError, decode_audio
 
 
 def test_resample_and_downmix(tmp_path: Path) -> None:
@@ -41,3 +41,33 @@ def test_failures_have_reasons(tmp_path: Path, make, reason: str) -> None:  # no
     with pytest.raises(AudioError) as info:
         decode_audio(str(path))
     assert info.value.reason.startswith(reason)
+
+
+def write_loud_clip(path: Path, peak: float, sr: int = 16_000) -> None:
+    """A real-ish float32 clip (the tone of write_clip) with one sample set to ``peak``: x[50] = peak."""
+    write_clip(path, 1.0, sr=sr)
+    samples, _ = sf.read(path, dtype="float32")
+    samples[50] = peak
+    sf.write(path, samples, sr, subtype="FLOAT")
+
+
+def test_absurd_amplitude_is_skipped_and_its_features_would_be_nan(tmp_path: Path) -> None:
+    """A finite 1e30 sample passed the NaN/Inf check, and its log-mel was NaN: it must be refused."""
+    from transformers import WhisperFeatureExtractor
+
+    write_loud_clip(tmp_path / "loud.wav", 1e30)
+    with pytest.raises(AudioError) as info:
+        decode_audio(str(tmp_path / "loud.wav"))
+    assert info.value.reason == "absurd amplitude (peak 1e+30)"
+    extractor = WhisperFeatureExtractor()
+    raw, _ = sf.read(tmp_path / "loud.wav", dtype="float32")
+    assert not np.isfinite(extractor([raw], sampling_rate=16_000, return_tensors="np").input_features).all()
+    # The loudest clip that passes (resampled, which may overshoot) still has finite features.
+    write_loud_clip(tmp_path / "edge.wav", MAX_PEAK, sr=44_100)
+    audio = decode_audio(str(tmp_path / "edge.wav"))
+    assert np.isfinite(extractor([audio], sampling_rate=16_000, return_tensors="np").input_features).all()
+
+
+def test_float_audio_slightly_over_full_scale_is_kept(tmp_path: Path) -> None:
+    write_loud_clip(tmp_path / "hot.wav", 1.5)
+    assert float(np.abs(decode_audio(str(tmp_path / "hot.wav"))).max()) == pytest.approx(1.5)

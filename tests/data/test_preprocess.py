@@ -124,6 +124,25 @@ def test_fail_on_skip_and_all_bad(tmp_path: Path) -> None:
         load_split("eval", DataConfig(eval=str(bad), cache_dir=str(tmp_path / "c")), None)
 
 
+def test_absurd_amplitude_is_a_counted_skip(tmp_path: Path) -> None:
+    from tests.data.test_audio import write_loud_clip
+
+    root = write_audiofolder(tmp_path / "af", 3)
+    write_loud_clip(root / "loud.wav", 1e30)
+    with (root / "metadata.csv").open("a") as handle:
+        handle.write("loud.wav,a clip with one absurd sample\n")
+    prepared = prepare_split(open_source(str(root), split="", text_column="sentence"), "train", tmp_path / "cache")
+    assert len(prepared.dataset) == 3
+    assert [(s.id, s.kind, s.reason) for s in prepared.skips] == [("loud.wav", "error", "absurd amplitude (peak 1e+30)")]
+
+
+def test_unusable_cache_dir_is_a_data_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    source = open_source(str(write_audiofolder(tmp_path / "af", 1)), split="", text_column="sentence")
+    with pytest.raises(DataError, match=r"cannot create the preprocessing cache .*a-file/chunks \(Not a directory\); set"):
+        prepare_split(source, "train", tmp_path / "a-file")
+
+
 def test_skip_records_are_json(tmp_path: Path) -> None:
     from toolkit.output import write_skipped
 

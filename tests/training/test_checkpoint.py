@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
 from pathlib import Path
 
+import pytest
+
 from toolkit.training.batching import BatchPlan
-from toolkit.training.checkpoint import CheckpointManager, TrainState
+from toolkit.training.checkpoint import CheckpointManager, CheckpointWriteError, TrainState
 
 PLAN = BatchPlan.create(8, 4, 1)
 
@@ -42,3 +46,34 @@ def test_partial_checkpoints_are_ignored_and_cleaned(tmp_path: Path) -> None:
     assert manager.latest() == tmp_path / "ckpt" / "checkpoint-5"
     manager.clean_partial()
     assert not (tmp_path / "ckpt" / ".checkpoint-10.tmp").exists()
+
+
+def test_a_checkpoint_that_does_not_match_its_manifest_is_passed_over(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt", keep=3, accelerator=FakeAccelerator())
+    for step in (1, 2):
+        manager.save(TrainState(step=step), PLAN, {"last_epoch": step})
+    saved = manager.latest_saved()
+    assert saved is not None and saved.state.step == 2 and saved.scheduler == {"last_epoch": 2}
+    (tmp_path / "ckpt" / "checkpoint-2" / "model.safetensors").write_text("weightz")
+    saved = manager.latest_saved()
+    assert saved is not None and saved.state.step == 1
+
+
+def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt", keep=3, accelerator=FakeAccelerator())
+    manager.save(TrainState(step=1), PLAN)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10))
+    with pytest.raises(CheckpointWriteError, match=r"no space left on .* needs about 0 MB and 0 MB are free"):
+        manager.save(TrainState(step=2), PLAN)
+    monkeypatch.undo()
+
+    def full(directory: str, safe_serialization: bool = True) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(manager.accelerator, "save_state", full)
+    with pytest.raises(CheckpointWriteError, match=r"could not write a checkpoint .*No space left.* MB free"):
+        manager.save(TrainState(step=2), PLAN)
+    assert [s for s, _ in manager.complete()] == [1] and not list((tmp_path / "ckpt").glob(".checkpoint-*"))

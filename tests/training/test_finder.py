@@ -178,7 +178,8 @@ def test_resume_keeps_the_found_micro_batch_without_probing(no_dropout: Path, co
     state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     assert (state["micro_batch_size"], state["gradient_accumulation_steps"]) == (2, 4)
     # Resumed without the injector: a run that forgot the size would train (and probe) at 8.
-    again = launch([*args, "training.max_steps=5"], processes=2, timeout=TIMEOUT_S)
+    # A longer linear schedule is a changed optimisation: resumed on purpose.
+    again = launch([*args, "training.max_steps=5", "training.resume=force"], processes=2, timeout=TIMEOUT_S)
     assert again.returncode == 0 and "resumed from" in again.stderr
     summary = results(out)
     assert summary["steps"] == 5 and summary["micro_batch_size"] == 2 and summary["gradient_accumulation_steps"] == 4

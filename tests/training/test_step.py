@@ -21,17 +21,7 @@ from toolkit.training.batching import BatchPlan
 from toolkit.training.loop import TrainingRun
 from toolkit.training.step import DDPStep, StepParts, StepProgress, Zero3Step, ZeroStep, rng_unchanged
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate() -> Iterator[None]:
-    """accelerate keeps its state in process-wide singletons; each in-process run starts clean."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def set_up(model: Path, corpus: Path, out: Path, *overrides: str) -> TrainingRun:
@@ -180,3 +170,33 @@ def test_rng_unchanged_restores_the_generators_even_on_error() -> None:
         torch.rand(3)
         raise RuntimeError("boom")
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class CountingStep:
+    """Stands in for a step object in the probe: counts the passes it is asked for."""
+
+    device = torch.device("cpu")
+    input_dtype = None
+
+    def __init__(self) -> None:
+        self.probed: list[int] = []
+
+    def probe(self, batch: Batch, plan: BatchPlan) -> list[int]:
+        self.probed.append(len(batch.ids))
+        return []
+
+
+def test_a_worst_case_batch_too_large_for_the_host_counts_as_out_of_memory_without_being_built(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    from toolkit.training import probe
+
+    config = transformers.WhisperConfig.from_pretrained(tiny_model)
+    monkeypatch.setattr(probe, "device_memory", lambda device: 64 * 2**20)  # 64 MiB: 33 windows fit in half
+    step = CountingStep()
+    plan = BatchPlan.create(100_000, 50_000, 1)
+    assert probe.attempt(step, config, 5, plan, 50_000) == [0] and step.probed == []  # nothing allocated
+    found = probe.run_probe(step, BatchPlan.create(64, 64, 1), config, 5, at_step=0)  # type: ignore[arg-type]
+    assert found.plan.micro_batch_size == 32 and step.probed == [32]

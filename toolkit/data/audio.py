@@ -15,6 +15,14 @@ import soxr
 
 SAMPLING_RATE = 16_000
 
+MAX_PEAK = 1e3
+"""Largest believable sample magnitude. Integer PCM decodes to [-1, 1]; float files may overshoot 1
+a little (a clipped mix), but a peak past this is a broken file. It also keeps the log-mel finite:
+Whisper's features square the STFT in float32, and |x| <= 1e3 bounds that power by about
+(400 * 1e3)^2 = 1.6e11 even after resampling overshoot (soxr: a few percent), far below float32's
+3.4e38 (measured: a 1e20 peak already gives NaN features, 1e10 still finite); the log's floor
+(a 1e-10 clamp) keeps silence finite too. So decoded audio that passes these checks has finite features."""
+
 
 class AudioError(Exception):
     """This one sample cannot be used; ``reason`` says why (goes into skipped.jsonl)."""
@@ -41,9 +49,13 @@ def decode_audio(audio: str | bytes | None, target_sr: int = SAMPLING_RATE) -> n
         raise AudioError(f"unreadable file: {exc.strerror or exc}") from None
     if samples.shape[0] == 0:
         raise AudioError("empty audio (0 samples)")
-    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
-    if not np.isfinite(mono).all():
+    # Checked before the downmix: opposite huge channels could average to a harmless-looking mono.
+    if not np.isfinite(samples).all():
         raise AudioError("NaN or Inf in audio")
+    peak = float(np.abs(samples).max())
+    if peak > MAX_PEAK:
+        raise AudioError(f"absurd amplitude (peak {peak:.3g})")
+    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if sr != target_sr:
         mono = soxr.resample(mono, sr, target_sr, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)

@@ -45,9 +45,18 @@ class SpeechDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(
-    prepared: PreparedSplit, tokenizer: Any | None, *, max_label_tokens: int = WHISPER_MAX_TARGET_POSITIONS, split: str = "train"
+    prepared: PreparedSplit,
+    tokenizer: Any | None,
+    *,
+    max_label_tokens: int = WHISPER_MAX_TARGET_POSITIONS,
+    split: str = "train",
+    keep_labels: bool = True,
 ) -> tuple[SpeechDataset, list[Skip]]:
-    """Tokenise transcripts (when a tokenizer is given) and drop label sequences that are too long."""
+    """Tokenise transcripts (when a tokenizer is given) and drop label sequences that are too long.
+
+    ``keep_labels=False`` (evaluation data) filters the same way but keeps text only: an eval split is
+    scored on generated text, and a reference too long for the decoder would only dominate its WER.
+    """
     table = prepared.dataset
     durations = np.asarray(table["duration"], dtype=np.float32)
     if tokenizer is None:
@@ -63,4 +72,4 @@ def build_dataset(
         keep.append(row)
         labels.append(list(tokens))
     rows = np.asarray(keep, dtype=np.int64)
-    return SpeechDataset(table, rows, labels, durations[rows]), skips
+    return SpeechDataset(table, rows, labels if keep_labels else None, durations[rows]), skips

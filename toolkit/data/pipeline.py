@@ -12,7 +12,7 @@ from accelerate import PartialState
 from toolkit.config import DataConfig
 from toolkit.data.dataset import SpeechDataset, build_dataset
 from toolkit.data.preprocess import Skip, prepare_split
-from toolkit.data.sources import DataError, open_source
+from toolkit.data.sources import DataError, Source, open_source
 
 logger = logging.getLogger(__name__)
 
@@ -37,34 +37,48 @@ class LoadedSplit:
         return f"{self.source}: {len(self.dataset)} of {self.total_items} samples kept; left out: {left_out}"
 
 
-def load_split(role: str, data_cfg: DataConfig, tokenizer: Any | None) -> LoadedSplit:
-    """Load ``data.train`` (role ``train``) or ``data.eval`` (role ``eval``) on every rank.
+def open_split(role: str, data_cfg: DataConfig) -> Source:
+    """List ``data.train`` (role ``train``) or ``data.eval`` (role ``eval``) without decoding anything.
 
-    With a tokenizer, labels are built and over-long ones dropped; without, only text is kept.
-    Raises :class:`DataError` when nothing usable is left, or on any bad sample with ``fail_on_skip``.
+    Every check of the spec and its manifest happens here and needs no model, so a caller may run it
+    before loading one and hand the source to :func:`load_split`.
     """
     spec = data_cfg.train if role == "train" else data_cfg.eval
     if not spec:
         raise DataError(f"data.{role} is not set")
     split = data_cfg.train_split if role == "train" else data_cfg.eval_split
-    source = open_source(
+    return open_source(
         spec, split=split, text_column=data_cfg.text_column, audio_column=data_cfg.audio_column,
         hub_config=data_cfg.hub_config,
     )
+
+
+def load_split(role: str, data_cfg: DataConfig, tokenizer: Any | None, source: Source | None = None) -> LoadedSplit:
+    """Load ``data.train`` (role ``train``) or ``data.eval`` (role ``eval``) on every rank.
+
+    With a tokenizer, transcripts are tokenised and those over ``data.max_label_tokens`` dropped; the
+    training split keeps the labels, the eval split only its text (it is scored on generated text).
+    Without a tokenizer nothing is filtered by length. ``source``: from :func:`open_split`, if listed
+    already. Raises :class:`DataError` when nothing usable is left, or on any bad sample with ``fail_on_skip``.
+    """
+    source = source if source is not None else open_split(role, data_cfg)
     state = PartialState()
     max_items = data_cfg.max_train_samples if role == "train" else data_cfg.max_eval_samples
+    source, duplicates = _duplicates(source, role, data_cfg.dedup, max_items, state.is_main_process)
     prepared = prepare_split(
         source, role, data_cfg.resolved_cache_dir(), rank=state.process_index, world_size=state.num_processes,
         num_proc=data_cfg.num_proc, barrier=state.wait_for_everyone, max_items=max_items,
         max_duration_s=data_cfg.max_duration_s,
     )
-    total = min(len(source), max_items or len(source))
+    total = min(len(source), max_items or len(source)) + len(duplicates)
     if len(prepared.dataset) == 0:
-        empty = LoadedSplit(SpeechDataset(prepared.dataset, np.arange(0), None, np.zeros(0)), prepared.skips,
-                            source.description, total)
+        empty = LoadedSplit(SpeechDataset(prepared.dataset, np.arange(0), None, np.zeros(0)),
+                            duplicates + prepared.skips, source.description, total)
         raise DataError(f"data.{role}: no usable samples. {empty.summary()}")
-    dataset, label_skips = build_dataset(prepared, tokenizer, max_label_tokens=data_cfg.max_label_tokens, split=role)
-    loaded = LoadedSplit(dataset, prepared.skips + label_skips, source.description, total)
+    dataset, label_skips = build_dataset(
+        prepared, tokenizer, max_label_tokens=data_cfg.max_label_tokens, split=role, keep_labels=role == "train"
+    )
+    loaded = LoadedSplit(dataset, duplicates + prepared.skips + label_skips, source.description, total)
     if state.is_main_process:
         logger.info(
             "%s (cache: %d chunks built, %d reused)", loaded.summary(), prepared.chunks_built, prepared.chunks_reused
@@ -78,3 +92,33 @@ def load_split(role: str, data_cfg: DataConfig, tokenizer: Any | None) -> Loaded
     if len(dataset) == 0:
         raise DataError(f"data.{role}: no usable samples. {loaded.summary()}")
     return loaded
+
+
+def _duplicates(
+    source: Source, role: str, dedup: bool, max_items: int | None, main: bool
+) -> tuple[Source, list[Skip]]:
+    """Drop repeated rows (``dedup``) as skips, or keep them and warn with their count.
+
+    Only the repeats among the rows that are used count: with ``max_items``, those before the
+    ``max_items``-th row that is kept (deduplicated) or used (not).
+    """
+    repeats = source.duplicates()
+    if not repeats:
+        return source, []
+    repeated = set(repeats)
+    kept = [i for i in range(len(source)) if i not in repeated] if dedup else list(range(len(source)))
+    if max_items is not None and len(kept) > max_items:
+        repeats = [i for i in repeats if i <= kept[max_items - 1]]
+    if not repeats:
+        return source, []
+    if not dedup:
+        if main:
+            logger.warning(
+                "data.%s: %d duplicate row(s) in %s (the same audio file and transcript as an earlier row, "
+                "e.g. %s); kept: set data.dedup=true to drop them",
+                role, len(repeats), source.description, source.get(repeats[0])[0],
+            )
+        return source, []
+    skips = [Skip(role, source.get(i)[0], "duplicate (same audio file and transcript as an earlier row)", "filtered")
+             for i in repeats]
+    return source.without(sorted(repeated)), skips

@@ -34,7 +34,7 @@ from toolkit.data.sources import DataError, Source
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 256
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: audio past MAX_PEAK is skipped; chunks built before may hold some
 SKIP_FILE = "skips.json"
 
 
@@ -146,7 +146,13 @@ def prepare_split(
     if total == 0:
         raise DataError(f"{source.description}: no items")
     chunk_dir = cache_dir / "chunks"
-    chunk_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        chunk_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, a read-only filesystem
+        raise DataError(
+            f"cannot create the preprocessing cache {chunk_dir} ({exc.strerror or exc}); "
+            "set data.cache_dir or WHISPER_TOOLKIT_CACHE"
+        ) from None
     bounds = [(start, min(start + CHUNK_SIZE, total)) for start in range(0, total, CHUNK_SIZE)]
     targets = [
         chunk_dir / chunk_key(source, a, b, target_sr=target_sr, max_duration_s=max_duration_s) for a, b in bounds

@@ -8,20 +8,31 @@ Three forms are accepted:
 * a Hub dataset id, with ``hub_config`` and a split expression such as ``train+validation``.
 
 Listing never decodes audio: a missing file is found (and counted as a skip) during preprocessing,
-so one bad row cannot stop a run.
+so one bad row cannot stop a run. A manifest that is malformed as a whole or in its structure (a row
+with more fields than the header, a transcript that is a JSON list or number) is a :class:`DataError`
+naming the file and line: reading such a row some other way would train on a wrong transcript.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 AUDIO_COLUMN_CANDIDATES = ("file_name", "audio", "audio_filepath", "path", "audio_path", "file")
 MANIFEST_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".json": None}
+EMPTY_PATH = "<empty path>"
+"""The id of a row without an audio path (it is skipped as a missing file)."""
+FILE_SUFFIXES = {*MANIFEST_SUFFIXES, ".txt", ".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".parquet",
+                 ".arrow", ".yaml", ".yml", ".zip", ".tar", ".gz", ".tgz"}
+"""Suffixes that make a spec a file name, never a Hub id (Hub ids may hold dots: ``org/set.v2``)."""
+HUB_LOOKUP_TIMEOUT_S = 10.0
+"""One metadata request, the Hub client's own default; an unresolvable host fails at once."""
 
 
 class DataError(ValueError):
@@ -53,8 +64,18 @@ class Source:
         """Return ``(id, audio, text)`` where audio is a path or the encoded bytes."""
         raise NotImplementedError  # pragma: no cover - interface
 
+    def duplicates(self) -> list[int]:
+        """Indices of rows that repeat an earlier row; only local sources are checked (see LocalSource)."""
+        return []
+
+    def without(self, indices: list[int]) -> Source:
+        """This source less the rows at ``indices`` (for the rows :meth:`duplicates` finds)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
 
 class LocalSource(Source):
+    """Rows of a local manifest or audiofolder, audio as resolved paths."""
+
     def __init__(self, items: list[LocalItem], description: str):
         self.items = items
         self.description = description
@@ -78,6 +99,27 @@ class LocalSource(Source):
     def get(self, index: int) -> tuple[str, str | bytes | None, str | None]:
         item = self.items[index]
         return item.id, item.path, item.text
+
+    def duplicates(self) -> list[int]:
+        """Rows that name the same audio file (resolved path) with the same transcript (stripped, as
+        it is trained) as an earlier row: they would be the same training example twice. The same
+        file with another transcript is not a duplicate (it may be a correction); rows without a
+        path or a transcript are left to the skips that they already get."""
+        seen: set[tuple[str, str]] = set()
+        repeats = []
+        for index, item in enumerate(self.items):
+            if item.text is None or not item.text.strip() or item.id == EMPTY_PATH:
+                continue
+            key = (item.path, item.text.strip())
+            if key in seen:
+                repeats.append(index)
+            seen.add(key)
+        return repeats
+
+    def without(self, indices: list[int]) -> LocalSource:
+        """This source less the rows at ``indices``."""
+        drop = set(indices)
+        return LocalSource([item for i, item in enumerate(self.items) if i not in drop], self.description)
 
 
 class HubSource(Source):
@@ -123,13 +165,37 @@ def open_source(
                 f"{spec}: a manifest must end in {', '.join(MANIFEST_SUFFIXES)}; got {path.suffix or 'no suffix'}"
             )
         return _open_manifest(path, text_column, audio_column)
+    # Decide here, without the network, what cannot be a Hub id: asking the Hub about a mistyped
+    # local path costs its retries (about 30 s without a network) and ends in a misleading message.
+    missing = f"no such directory or file: {spec}"
+    if not path.is_absolute():
+        missing += f" (relative to {Path.cwd()})"
     if _looks_like_path(spec):
-        raise DataError(f"{spec} does not exist (expected a directory, a manifest file or a Hub dataset id)")
-    return _open_hub(spec, split, hub_config, text_column, audio_column)
+        raise DataError(f"{missing}; a data spec is an audiofolder directory, a manifest or a Hub dataset id")
+    if not _is_hub_id(spec):
+        raise DataError(f"{missing}, and {spec!r} is not a valid Hub dataset id either")
+    return _open_hub(spec, split, hub_config, text_column, audio_column, missing)
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in MANIFEST_SUFFIXES or spec.count("/") > 1
+    """A local path, never a Hub id (``namespace/name``, at most one slash, no file suffix)."""
+    return (
+        spec.startswith((".", "/", "~"))
+        or "\\" in spec
+        or spec.endswith("/")
+        or spec.count("/") > 1
+        or Path(spec).suffix.lower() in FILE_SUFFIXES
+    )
+
+
+def _is_hub_id(spec: str) -> bool:
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except ValueError:  # HFValidationError
+        return False
+    return True
 
 
 def _open_audiofolder(root: Path, split: str, text_column: str, audio_column: str | None) -> Source:
@@ -155,29 +221,94 @@ def _find_metadata(root: Path) -> Path | None:
     return None
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
+Row = tuple[str, Any]
+"""A manifest row and where it is (``file:line``), for messages."""
+
+
+def _read_text(path: Path) -> str:
+    """The file as text; a byte-order mark (Excel writes one) is dropped, not taken into the header."""
     try:
-        if MANIFEST_SUFFIXES[suffix] is not None:
-            with path.open(newline="", encoding="utf-8") as handle:
-                return list(csv.DictReader(handle, delimiter=MANIFEST_SUFFIXES[suffix]))
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    if not all(isinstance(row, dict) for row in rows):
-        raise DataError(f"{path}: every row must be an object with an audio path and a text field")
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); save it as UTF-8") from None
+    if "\x00" in text:  # UTF-16 without a BOM decodes as "UTF-8" with a NUL after every ASCII letter
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise DataError(f"{path} holds a NUL byte on line {line}: a binary file, or UTF-16 text? save it as UTF-8")
+    return text
+
+
+def _read_rows(path: Path) -> list[Row]:
+    suffix = path.suffix.lower()
+    text = _read_text(path)
+    delimiter = MANIFEST_SUFFIXES[suffix]
+    if delimiter is not None:
+        return _read_delimited(path, text, delimiter)
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        rows = [(f"{path}: row {n}", row) for n, row in enumerate(data, 1)]
+    else:
+        rows = []
+        # Split on newlines only: str.splitlines() also breaks at U+2028, which JSON strings may hold.
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row must be an object with an audio path and a text field, not {_kind(row)}")
     return rows
+
+
+def _read_delimited(path: Path, text: str, delimiter: str) -> list[Row]:
+    """CSV/TSV rows as dicts. Strict: a row with more fields than the header (an unquoted comma in a
+    transcript) or an unclosed quote (which would swallow the rows after it) is an error, not a
+    silently truncated or merged transcript."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    start = 1  # the line the record being read begins on
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        columns = [name.strip() for name in header]
+        rows = []
+        start = reader.line_num + 1
+        for fields in reader:
+            where = f"{path}:{start}"
+            start = reader.line_num + 1
+            if not fields:
+                continue
+            if len(fields) > len(columns):
+                name = "tab" if delimiter == "\t" else "comma"
+                raise DataError(
+                    f"{where}: {len(fields)} fields but the header has {len(columns)}; "
+                    f"quote a transcript that holds a {name} (\"...\")"
+                )
+            # A short row gets None for what it lacks, as csv.DictReader does: an empty transcript skip.
+            padded = [*fields, *[None] * (len(columns) - len(fields))]
+            rows.append((where, dict(zip(columns, padded, strict=True))))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{start}: malformed row ({exc}); is a quote left open?") from None
+    return rows
+
+
+def _kind(value: Any) -> str:
+    """``a list``, ``a number``...: what a JSON value is, for messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", dict: "an object", str: "a string"}.get(type(value), type(value).__name__)
 
 
 def _open_manifest(
@@ -186,7 +317,7 @@ def _open_manifest(
     rows = _read_rows(path)
     if not rows:
         raise DataError(f"{path}: the manifest has no rows")
-    columns = list(rows[0].keys())
+    columns = list(rows[0][1].keys())
     if text_column not in columns:
         raise DataError(f"{path}: no text column {text_column!r} (columns: {', '.join(columns)}); set data.text_column")
     if audio_column is None:
@@ -199,29 +330,84 @@ def _open_manifest(
         raise DataError(f"{path}: no audio column {audio_column!r} (columns: {', '.join(columns)})")
     base = path.parent.resolve()
     items = []
-    for row in rows:
-        rel = str(row.get(audio_column) or "")
-        audio_path = (base / rel).resolve() if rel else base / "<empty path>"
-        text = row.get(text_column)
-        items.append(LocalItem(id=rel or "<empty path>", path=str(audio_path), text=None if text is None else str(text)))
+    for where, row in rows:
+        rel, text = row.get(audio_column), row.get(text_column)
+        # Anything but a string (or null) would be trained on as its Python repr: "[1, 2]", "True".
+        for column, value in ((audio_column, rel), (text_column, text)):
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{where}: {column!r} is {_kind(value)} ({json.dumps(value)[:60]}), not a string")
+        rel = rel or ""
+        if "\x00" in rel:  # from a JSON "\u0000": no path can hold one (and pathlib raises on it)
+            raise DataError(f"{where}: {audio_column!r} holds a NUL character, which no file name can")
+        audio_path = (base / rel).resolve() if rel else base / EMPTY_PATH
+        items.append(LocalItem(id=rel or EMPTY_PATH, path=str(audio_path), text=text))
     return LocalSource(items, description or str(path))
 
 
-def _open_hub(spec: str, split: str, hub_config: str | None, text_column: str, audio_column: str | None) -> Source:
+def _open_hub(
+    spec: str, split: str, hub_config: str | None, text_column: str, audio_column: str | None, missing: str
+) -> Source:
     import datasets
+    import huggingface_hub.constants
 
+    # Offline, load_dataset only looks in the local cache (fast), where a Hub dataset may well be.
+    offline = (
+        huggingface_hub.constants.HF_HUB_OFFLINE
+        or getattr(datasets.config, "HF_HUB_OFFLINE", False)
+        or _env_true("HF_HUB_OFFLINE")
+    )
+    if not offline:
+        _look_up_on_hub(spec, missing)
     try:
         dataset = datasets.load_dataset(spec, hub_config, split=split)
     except Exception as exc:  # the Hub raises many types: connection, auth, missing config
+        hint = (
+            "HF_HUB_OFFLINE is set: only the local Hub cache was searched" if offline
+            else "Offline? Use a local directory or manifest instead"
+        )
         raise DataError(
-            f"could not load Hub dataset {spec!r} (config {hub_config!r}, split {split!r}): "
-            f"{type(exc).__name__}: {exc}. Offline? Use a local directory or manifest instead."
-        ) from exc
+            f"{missing}, and could not load Hub dataset {spec!r} (config {hub_config!r}, split {split!r}): "
+            f"{_one_line(exc)}. {hint}."
+        ) from None
     columns = dataset.column_names
     audio_column = audio_column or "audio"
     for column, key in ((audio_column, "data.audio_column"), (text_column, "data.text_column")):
         if column not in columns:
             raise DataError(f"Hub dataset {spec}: no column {column!r} (columns: {', '.join(columns)}); set {key}")
+    text_feature = dataset.features[text_column]
+    if getattr(text_feature, "dtype", None) not in ("string", "large_string"):
+        raise DataError(f"Hub dataset {spec}: column {text_column!r} holds {text_feature}, not text; set data.text_column")
     # Decode ourselves (soundfile + soxr): datasets >= 4 would go through torchcodec.
     dataset = dataset.cast_column(audio_column, datasets.Audio(decode=False))
     return HubSource(dataset, audio_column, text_column, f"{spec}:{hub_config or ''}[{split}]")
+
+
+def _look_up_on_hub(spec: str, missing: str) -> None:
+    """One quick metadata request, so that an unknown name or an unreachable Hub is a one-line error
+    at once rather than after ``load_dataset``'s retries (about 30 s without a network)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(spec, timeout=HUB_LOOKUP_TIMEOUT_S)
+    except GatedRepoError:
+        return  # it exists; load_dataset reports access (with the token it is given) itself
+    except RepositoryNotFoundError:
+        raise DataError(f"{missing}, and no Hub dataset {spec!r} (a private one needs `hf auth login`)") from None
+    except HfHubHTTPError as exc:
+        raise DataError(f"{missing}, and the Hub lookup of {spec!r} failed: {_one_line(exc)}") from None
+    except Exception as exc:  # connection errors: the HTTP client's own types, OSError, timeouts
+        raise DataError(
+            f"{missing}, and the Hub is unreachable to look up {spec!r} ({_one_line(exc)}); "
+            "with a cached copy of a Hub dataset, set HF_HUB_OFFLINE=1"
+        ) from None
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line`` of an exception: library messages run over several lines."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

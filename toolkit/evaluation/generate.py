@@ -32,7 +32,7 @@ from accelerate.utils import gather_object, reduce
 from toolkit.config import EvaluationConfig
 from toolkit.data.collator import Batch, WhisperCollator
 from toolkit.data.dataset import SpeechDataset
-from toolkit.distributed import ignore_stop_signals
+from toolkit.data.loader import build_loader
 from toolkit.evaluation.wer import CorpusCounts
 from toolkit.oom import (
     Backoff,
@@ -216,10 +216,7 @@ def _rounds_from(run: _Evaluation, order: np.ndarray, position: int, size: int) 
     # A fresh loader from the first utterance not yet done, at the current size; a back-off drops it
     # (and its prefetching workers) on return.
     mine = round_batches(order, position, size, world, run.state.process_index)
-    loader = torch.utils.data.DataLoader(
-        run.dataset, batch_sampler=mine, collate_fn=run.collator, num_workers=run.settings.num_workers,
-        worker_init_fn=ignore_stop_signals,
-    )
+    loader = build_loader(run.dataset, mine, run.collator, num_workers=run.settings.num_workers)
     batches = iter(loader) if mine else iter(())  # no workers to start for a rank with nothing left
     for _ in range(eval_rounds(len(order) - position, size, world)):
         batch = next(batches, None)

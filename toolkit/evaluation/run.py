@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,32 @@ from accelerate import PartialState
 from toolkit.adapters import DTYPES
 from toolkit.config import DataConfig, EvaluationConfig, ModelConfig
 from toolkit.data.collator import WhisperCollator
-from toolkit.data.pipeline import load_split
+from toolkit.data.pipeline import load_split, open_split
 from toolkit.evaluation.generate import EvalResult, GenerationSettings, evaluate_model
 from toolkit.evaluation.normalize import make_normalizer
-from toolkit.modeling import load_model
+from toolkit.modeling import load_model, recorded_prompt
 from toolkit.oom import install_injector
 
 logger = logging.getLogger(__name__)
+
+
+def evaluation_prompt(model: str, language: str | None, task: str | None) -> tuple[str | None, str]:
+    """The language and task to evaluate with: each as given on the command line, else as the
+    checkpoint's generation config records it (a German fine-tune's ``final/`` records german and
+    transcribe, so it evaluates as trained), else no language and ``transcribe``."""
+    if language is None or task is None:
+        recorded_language, recorded_task = recorded_prompt(model)
+        taken = []
+        if language is None and recorded_language:
+            language = recorded_language
+            taken.append(f"language {language}")
+        if task is None and recorded_task in typing.get_args(typing.get_type_hints(ModelConfig)["task"]):
+            task = recorded_task
+            taken.append(f"task {task}")
+        if taken:
+            logger.info("evaluating with the %s recorded in the generation config of %s (--language and --task "
+                        "override it)", " and ".join(taken), model)
+    return language, task or ModelConfig.task
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -44,12 +64,13 @@ def run_evaluate(
     ``evaluation.batch_size`` after an out-of-memory back-off), and ``backoffs``, ``[{"from", "to"}]``.
     """
     state = PartialState()
+    source = open_split("eval", data_cfg)  # a bad data spec fails before the model loads
     loaded = load_model(model_cfg, dtype=resolve_dtype(dtype, state.device), device=state.device)
     # A quantised base is placed at load time (device_map); bitsandbytes' modules must not be moved.
     model = loaded.model if model_cfg.quantization != "none" else loaded.model.to(state.device)
     install_injector(model, state.process_index)  # test-only TOOLKIT_INJECT_OOM
     tokenizer = loaded.processor.tokenizer
-    split = load_split("eval", data_cfg, tokenizer=None)
+    split = load_split("eval", data_cfg, tokenizer, source)  # drops references too long to decode
     collator = WhisperCollator(loaded.processor.feature_extractor, model.config.decoder_start_token_id)
     settings = GenerationSettings.from_config(
         eval_cfg, num_workers=data_cfg.num_workers, collect_predictions=predictions_path is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from toolkit.launch import LaunchInfo
 from toolkit.memory.estimate import GIB, Estimate, estimate_modes
 from toolkit.memory.modes import MODE_NAMES, find_mode, get_mode, launch_config
 from toolkit.memory.scenario import Scenario
@@ -119,3 +120,11 @@ def advice_at_micro_batch_one(
         tips.append(f"`plan` finds no mode that fits {memory / GIB:.1f} GiB at micro-batch 1: "
                     + suggestion(scenario, memory))
     return "; ".join(tips) + f" (full table: `{command}`)"
+
+
+def advice_for_run(config: Any, model_config: Any, world: int, label_tokens: int, device: Any) -> str:
+    """:func:`advice_at_micro_batch_one` for a training run's recipe (a ``RunConfig``) on ``device``."""
+    training = config.training
+    mode = current_mode(training.method, config.model.quantization, training.optimizer, LaunchInfo.from_env())
+    return advice_at_micro_batch_one(model_config, mode, world, label_tokens, training.gradient_checkpointing,
+                                     device_memory(device))

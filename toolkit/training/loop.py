@@ -28,23 +28,33 @@ from tqdm.auto import tqdm
 from toolkit.adapters import AdapterCheckpointHooks
 from toolkit.config import ConfigError, RunConfig, dump_config
 from toolkit.data.collator import WhisperCollator
-from toolkit.data.pipeline import LoadedSplit, load_split
-from toolkit.distributed import all_reduce_max, ignore_stop_signals, process_group_kwargs, use_cpu
+from toolkit.data.loader import build_loader
+from toolkit.data.pipeline import LoadedSplit, load_split, open_split
+from toolkit.data.sources import Source
+from toolkit.distributed import (
+    all_reduce_max,
+    broadcast_from_main,
+    exit_with_launcher,
+    process_group_kwargs,
+    use_cpu,
+)
 from toolkit.evaluation.generate import GenerationSettings, evaluate_model
 from toolkit.evaluation.normalize import make_normalizer
-from toolkit.launch import LaunchInfo
-from toolkit.memory.advice import advice_at_micro_batch_one, current_mode, device_memory
+from toolkit.memory.advice import advice_for_run
 from toolkit.modeling import LoadedModel, load_model, trainable_parameters
 from toolkit.oom import Backoff, OutOfMemoryAtMicroBatchOne, free_memory, install_injector
 from toolkit.output import export_model, push_to_hub, write_json, write_skipped
 from toolkit.training import zero
 from toolkit.training.batching import BatchPlan, StepBatchSampler, StepSampler
 from toolkit.training.checkpoint import CheckpointManager, SavedState, TrainState
-from toolkit.training.metrics import MetricsLogger, StepStats, Window, peak_memory_gib
+from toolkit.training.fingerprint import check_resume, fingerprint
+from toolkit.training.lock import OutputLock
+from toolkit.training.manifest import verify
+from toolkit.training.metrics import MetricsLogger, StepStats, Window, append_skipped, peak_memory_gib
 from toolkit.training.optim import build_optimizer, build_scheduler
 from toolkit.training.probe import run_probe
 from toolkit.training.signals import Preempted, StopSignal
-from toolkit.training.step import StepParts, StepProgress, TrainStep, step_class
+from toolkit.training.step import NonFiniteTraining, StepParts, StepProgress, TrainStep, step_class
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +69,6 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         kwargs_handlers=[process_group_kwargs()],
         project_dir=config.output.dir,
     )
-
-
-def out_of_memory_advice(config: RunConfig, model_config: Any, world: int, label_tokens: int, device: torch.device) -> str:
-    """Which modes would fit at micro-batch 1, for the error that ends a run."""
-    mode = current_mode(config.training.method, config.model.quantization, config.training.optimizer, LaunchInfo.from_env())
-    return advice_at_micro_batch_one(model_config, mode, world, label_tokens, config.training.gradient_checkpointing,
-                                     device_memory(device))
 
 
 @dataclass
@@ -87,6 +90,9 @@ class TrainingRun:
         self.batches: Any = None
         self.backoff_seconds = 0.0
         self.probe_summary: dict[str, Any] | None = None
+        self.nonfinite_streak = 0
+        self.lock = OutputLock(self.out)
+        """Steps in a row whose update was skipped for a non-finite loss or gradient norm."""
 
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -97,17 +103,19 @@ class TrainingRun:
         """
         config = self.config
         self.accelerator = acc = make_accelerator(config)
+        exit_with_launcher()
+        self._lock_output_dir()
         set_seed(config.training.seed)
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "recipe.yaml").write_text(dump_config(config))
+        # Listing the data checks every spec and manifest: a bad one fails before the model loads.
+        sources = {role: open_split(role, config.data) for role in ("train", "eval") if getattr(config.data, role)}
         with zero.full_weights_at_load(acc):
             self.loaded: LoadedModel = load_model(config.model, config.training, lora_cfg=config.lora, device=acc.device)
-        self.data = self._load_data()
+        self.data = self._load_data(sources)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", config.output.keep_checkpoints, acc)
         self.checkpoints.clean_partial()
         # Read once: the plan starts from the micro-batch the run had found, before DeepSpeed is configured with it.
         self.saved: SavedState | None = self.checkpoints.latest_saved()
+        self._check_recipe()
         self.plan = self._initial_plan()
         self.collator = WhisperCollator(self.loaded.processor.feature_extractor, self.loaded.model.config.decoder_start_token_id)
         self.normalize = make_normalizer(self.loaded.english, self.loaded.processor.tokenizer)
@@ -119,20 +127,43 @@ class TrainingRun:
         install_injector(model, acc.process_index)
         # A partial, not a bound method: the step object must not hold the run (a cycle would keep
         # the run, and its loader's workers, alive until a garbage collection).
-        advice = partial(out_of_memory_advice, config, model.config, acc.num_processes,
+        advice = partial(advice_for_run, config, model.config, acc.num_processes,
                          self._worst_label_tokens(), acc.device)
         parts = StepParts(acc, model, optimizer, scheduler, model.config.pad_token_id,
                           model.config.decoder_start_token_id, config.training.max_grad_norm, advice)
         self.step: TrainStep = step_class(acc).prepare(parts, config.training, self.plan)
-        acc.register_for_checkpointing(self.step.scheduler)
         if config.training.method == "lora":
             AdapterCheckpointHooks(acc).register()
         self.sampler = StepSampler(len(self.data.train.dataset), config.training.seed, acc.process_index)
 
-    def _load_data(self) -> RunData:
+    def _lock_output_dir(self) -> None:
+        """Rank 0 takes ``output.dir``'s lock for the whole run; every rank learns whether it could."""
+        refusal = None
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.lock.acquire()
+            except ConfigError as exc:
+                refusal = str(exc)
+        refusal = broadcast_from_main(refusal)
+        if refusal:
+            raise ConfigError(refusal)
+
+    def _check_recipe(self) -> None:
+        """Refuse a resume that changes the optimisation unless forced (:mod:`.fingerprint`); record the recipe."""
+        now = fingerprint(self.config, self.data.train.dataset)
+        name = check_resume(self.config, self.out, self.saved.state if self.saved else None, now)
+        self.state.fingerprint = now
+        if self.accelerator.is_main_process:
+            tmp = self.out / f".{name}.tmp"
+            tmp.write_text(dump_config(self.config))
+            tmp.replace(self.out / name)
+
+    def _load_data(self, sources: dict[str, Source]) -> RunData:
         tokenizer = self.loaded.processor.tokenizer
-        train = load_split("train", self.config.data, tokenizer)
-        evaluation = load_split("eval", self.config.data, None) if self.config.data.eval else None
+        train = load_split("train", self.config.data, tokenizer, sources["train"])
+        # The eval split is scored on text; the tokenizer only filters references too long to decode.
+        evaluation = load_split("eval", self.config.data, tokenizer, sources["eval"]) if "eval" in sources else None
         if self.accelerator.is_main_process:
             skips = train.skips + (evaluation.skips if evaluation else [])
             count = write_skipped(self.out / "skipped.jsonl", skips)
@@ -149,25 +180,29 @@ class TrainingRun:
             if found < micro:
                 logger.info("resuming at the micro-batch found before: %d", found)
             micro = min(micro, found)
-        # Refuses a global batch that does not split over the processes.
+        # The config already refused a global batch that does not split over the launched processes.
         return BatchPlan.create(cfg.global_batch_size, max(micro, 1), world)
 
     def resume(self) -> None:
         if self.saved is None:
             return
         zero.check_resumable(self.accelerator, self.saved.path)
+        zero.check_shards_are_plain(self.saved.path)  # before DeepSpeed unpickles them (a no-op without shards)
         self.accelerator.load_state(str(self.saved.path))
+        if self.saved.scheduler is not None:
+            self.step.scheduler.load_state_dict(self.saved.scheduler)
         self.state = self.saved.state
+        if self.accelerator.is_main_process and self.state.nonfinite_steps:
+            # skipped.jsonl was rewritten from the data at set-up; the skipped steps live in the checkpoint.
+            append_skipped(self.out / "skipped.jsonl", self.state.nonfinite_steps)
         logger.info("resumed from %s at step %d", self.saved.path, self.state.step)
 
     def train_loader(self, start: int, skip_samples: int = 0) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(
+        return build_loader(
             self.data.train.dataset,
-            batch_sampler=StepBatchSampler(self.sampler, self.plan, start, self.config.training.max_steps, skip_samples),
-            collate_fn=self.collator,
+            StepBatchSampler(self.sampler, self.plan, start, self.config.training.max_steps, skip_samples),
+            self.collator,
             num_workers=self.config.data.num_workers,
-            persistent_workers=False,
-            worker_init_fn=ignore_stop_signals,
             # Its own generator: creating the iterator draws a worker seed, which must not consume
             # the global RNG that dropout uses (a resumed run would then diverge from an unbroken one).
             generator=torch.Generator().manual_seed(self.config.training.seed + start),
@@ -191,11 +226,48 @@ class TrainingRun:
             self.step.recover(progress)
             free_memory()  # out of the except block: what the failed attempt held goes back
             self.back_off(step, failed_ranks)
+            self.batches = None  # its workers stop before the new loader's start
             self.batches = iter(self.train_loader(step, skip_samples=progress.samples))
         self.backoff_seconds += progress.lost_seconds
-        grad_norm = self.step.finish()
+        update = self.step.finish(progress)
+        if update.skipped is not None:
+            self._skip_step(step, indices, update.skipped)
+        else:
+            self.nonfinite_streak = 0
+        self.lock = OutputLock(self.out)
         audio = float(self.data.train.dataset.durations[indices].sum())
-        return StepStats(progress.loss_sum, step_tokens, len(indices), audio, time.perf_counter() - tick, grad_norm)
+        return StepStats(progress.loss_sum, step_tokens, len(indices), audio, time.perf_counter() - tick,
+                         update.grad_norm, applied=update.skipped is None)
+
+    def _skip_step(self, step: int, indices: np.ndarray, reason: str) -> None:
+        """Record a step whose update was skipped (its samples go to ``skipped.jsonl``); stop after too many."""
+        self.nonfinite_streak += 1
+        ids = [self.data.train.dataset[int(i)].id for i in indices]
+        record = {"step": step, "reason": reason, "ids": ids}
+        self.state.nonfinite_steps.append(record)
+        logger.warning("step %d: %s on some rank; update skipped (%d in a row); samples: %s",
+                       step, reason, self.nonfinite_streak, ", ".join(ids))
+        if self.accelerator.is_main_process:
+            append_skipped(self.out / "skipped.jsonl", [record])
+        if self.metrics is not None:
+            self.metrics.log(step, {"nonfinite": {"reason": reason, "streak": self.nonfinite_streak}})
+        limit = self.config.training.max_nonfinite_steps
+        if self.nonfinite_streak >= limit:
+            newest = self.checkpoints.latest()
+            raise NonFiniteTraining(
+                f"{limit} steps in a row had a {reason} (last: step {step}); stopping. The newest checkpoint "
+                f"({newest or 'none yet'}) holds finite weights; see skipped.jsonl for the samples. Check the "
+                "learning rate and the data, or raise training.max_nonfinite_steps"
+            )
+
+    def save_checkpoint(self) -> None:
+        """A checkpoint of the current step, refused (the run stops) if any weight is not finite."""
+        if not self.step.weights_finite():
+            raise NonFiniteTraining(
+                f"the weights are not finite at step {self.state.step}; no checkpoint written. The newest "
+                f"checkpoint ({self.checkpoints.latest() or 'none yet'}) is good: lower training.learning_rate"
+            )
+        self.checkpoints.save(self.state, self.plan, self.step.scheduler.state_dict())
 
     def back_off(self, step: int, failed_ranks: list[int]) -> None:
         """Halve the micro-batch on every rank (accumulation doubles) and re-prepare what depends on it."""
@@ -297,17 +369,23 @@ class TrainingRun:
                 if self.state.step % cfg.log_every == 0 or done:
                     values = self.log_values(window)
                     metrics.log(self.state.step, values)
-                    progress.set_postfix(loss=f"{values['loss']:.4f}")
+                    if values["loss"] is not None:
+                        progress.set_postfix(loss=f"{values['loss']:.4f}")
                 is_best = False
                 every = self.config.evaluation.every_steps
                 if self.data.eval is not None and every and (self.state.step % every == 0 or done):
+                    # The train loader's workers stop during the evaluation (its own start); the
+                    # sample order is a function of the step, so a new loader goes on exactly.
+                    self.batches = None
                     last_eval = self.evaluate()
+                    if not done:
+                        self.batches = iter(self.train_loader(self.state.step))
                     is_best = self.state.record_eval(self.state.step, last_eval)
                     metrics.log(self.state.step, {f"eval/{k}": v for k, v in last_eval.items()})
                     logger.info("step %d eval: %s", self.state.step, last_eval)
                 preempt = all_reduce_max(stop.received is not None, acc.device)
                 if is_best or done or preempt or (cfg.save_every and self.state.step % cfg.save_every == 0):
-                    self.checkpoints.save(self.state, self.plan)
+                    self.save_checkpoint()
                 if preempt and not done:
                     progress.close()
                     metrics.close()
@@ -336,9 +414,14 @@ class TrainingRun:
         acc = self.accelerator
         if self.config.output.final_model == "best" and self.state.best_step not in (None, self.state.step):
             best = self.checkpoints.path_for(self.state.best_step)  # type: ignore[arg-type]
-            acc.load_state(str(best))
-            logger.info("final model: best checkpoint %s (wer %.3f)", best, self.state.best_metric)
-            last_eval = None
+            problem = verify(best)
+            if problem is None:
+                acc.load_state(str(best))
+                logger.info("final model: best checkpoint %s (wer %.3f)", best, self.state.best_metric)
+                last_eval = None
+            else:
+                logger.warning("final model: the last weights, since the best checkpoint %s is damaged (%s)",
+                               best, problem)
         if self.data.eval is not None and last_eval is None:
             last_eval = self.evaluate()
         results: dict[str, Any] = {
@@ -378,5 +461,8 @@ class TrainingRun:
 
 def train(config: RunConfig) -> dict[str, Any]:
     run = TrainingRun(config)
-    run.setup()
-    return run.run()
+    try:
+        run.setup()
+        return run.run()
+    finally:
+        run.lock.release()

@@ -6,6 +6,7 @@ Each log line is one JSON object in ``metrics.jsonl``; the same scalars go to Te
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,6 +29,8 @@ class StepStats:
     audio_seconds: float
     seconds: float
     grad_norm: float | None = None
+    applied: bool = True
+    """False when the update was skipped (non-finite loss or gradient norm): its loss is left out."""
 
 
 class Window:
@@ -41,12 +46,14 @@ class Window:
         self.grad_norm: float | None = None
 
     def add(self, stats: StepStats) -> None:
-        self.losses.append(stats.loss_sum)
-        self.tokens += stats.tokens
+        if stats.applied:
+            self.losses.append(stats.loss_sum)
+            self.tokens += stats.tokens
         self.samples += stats.samples
         self.audio += stats.audio_seconds
         self.seconds += stats.seconds
-        self.grad_norm = stats.grad_norm
+        if stats.applied:  # a skipped step's norm may be NaN, which JSON cannot hold
+            self.grad_norm = stats.grad_norm
 
     def rates(self) -> dict[str, float | None]:
         if not self.seconds:
@@ -57,11 +64,15 @@ class Window:
         }
 
     def flush(self, accelerator: Accelerator) -> dict[str, Any]:
-        """Mean token loss over all ranks (one all-reduce) and throughput; then start a new window."""
-        total = float(accelerator.reduce(torch.stack(self.losses).sum(), reduction="sum"))
+        """Mean token loss over all ranks (one all-reduce) and throughput; then start a new window.
+
+        The loss is None when every step of the window was skipped as non-finite.
+        """
+        summed = torch.stack(self.losses).sum() if self.losses else torch.zeros((), device=accelerator.device)
+        total = float(accelerator.reduce(summed, reduction="sum"))
         rates = self.rates()
         values: dict[str, Any] = {
-            "loss": total / self.tokens,
+            "loss": total / self.tokens if self.tokens else None,
             "samples_per_second": rates["train_samples_per_second"],
             "audio_seconds_per_second": rates["train_audio_seconds_per_second"],
         }
@@ -78,6 +89,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self.writer = None
+        self.failed: set[str] = set()
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -90,27 +102,54 @@ class MetricsLogger:
             print("tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines from steps after the checkpoint we resume from: those steps are redone."""
+        """Drop lines from steps after the checkpoint we resume from (those steps are redone), and a
+        line torn by a kill during a write."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                logger.warning("metrics.jsonl: dropping a torn line (%d characters)", len(line))
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
+        """Append one line (and TensorBoard scalars); a full disk costs the line, never the run."""
         if not self.enabled:
             return
         record = {"step": step, **values}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            self._warn_once("metrics.jsonl", exc)
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, step)
-            self.writer.flush()
+            try:
+                for key, value in values.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.writer.add_scalar(key, value, step)
+                self.writer.flush()
+            except Exception as exc:  # tensorboard's writer raises OSError, or its own errors from a thread
+                self._warn_once("tensorboard", exc)
+                self.writer = None  # a writer that failed once keeps failing: metrics.jsonl goes on
+
+    def _warn_once(self, what: str, exc: BaseException) -> None:
+        if what not in self.failed:
+            self.failed.add(what)
+            logger.warning("cannot write %s (%s); training goes on without it", what, exc)
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except Exception as exc:
+                self._warn_once("tensorboard", exc)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -118,3 +157,10 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def append_skipped(path: Path, records: list[dict[str, Any]]) -> None:
+    """Add training-time skips (a step's samples, with the step and reason) to ``skipped.jsonl``."""
+    with path.open("a") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")

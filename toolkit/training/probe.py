@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from toolkit.oom import Backoff, OutOfMemoryAtMicroBatchOne
+from toolkit.memory.advice import device_memory
+from toolkit.oom import Backoff, OutOfMemoryAtMicroBatchOne, is_out_of_memory, oom_ranks
 from toolkit.training import finder
 from toolkit.training.batching import BatchPlan
 from toolkit.training.step import TrainStep
@@ -33,11 +34,26 @@ class ProbeResult:
 
 
 def attempt(step: TrainStep, model_config: Any, label_tokens: int, plan: BatchPlan, micro: int) -> list[int]:
-    """One probe size: the ranks that ran out of memory on a worst-case batch of ``micro`` samples."""
-    batch = finder.worst_case_batch(
-        micro, model_config.num_mel_bins, 2 * model_config.max_source_positions, label_tokens,
-        model_config.vocab_size, step.device, step.input_dtype,
-    )
+    """One probe size: the ranks that ran out of memory on a worst-case batch of ``micro`` samples.
+
+    Building the batch can fail too (a global batch of 100000 asks for tens of GB of features), and
+    so can it succeed on an overcommitting host only for the kernel's OOM killer to end the process
+    when the pages are written: a batch whose features alone would take half the memory counts as
+    out of memory without being allocated. The ranks agree on the batch before any pass runs.
+    """
+    frames = 2 * model_config.max_source_positions
+    feature_bytes = micro * model_config.num_mel_bins * frames * 4
+    batch = None
+    if feature_bytes < device_memory(step.device) // 2:
+        try:
+            batch = finder.worst_case_batch(micro, model_config.num_mel_bins, frames, label_tokens,
+                                            model_config.vocab_size, step.device, step.input_dtype)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+    failed = oom_ranks(batch is None, step.device)
+    if failed or batch is None:
+        return failed
     return step.probe(batch, plan.with_micro_batch(micro))
 
 

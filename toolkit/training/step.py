@@ -10,7 +10,9 @@ object owns what differs between backends:
   loop can go on with the rest of the step at a smaller micro-batch;
 * :meth:`TrainStep.resize` tells the backend about the new micro-batch;
 * :meth:`TrainStep.probe` runs the worst-case probe's passes at one size;
-* :meth:`TrainStep.finish` reduces, clips and applies the update.
+* :meth:`TrainStep.finish` reduces, clips and applies the update, unless the loss or the gradient
+  norm is not finite on some rank (agreed on every rank): then the update is skipped (DDP) or, where
+  it already happened inside the backward (ZeRO), the run stops before it can save such weights.
 
 The loss of a micro-batch is the sum of its token losses times ``scale`` = world size / label
 tokens of the whole global step, so the gradient is the token-level mean of the global batch however
@@ -21,6 +23,7 @@ the step is split over micro-batches and processes (DDP's averaging over ranks c
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -34,7 +37,7 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from toolkit.config import TrainingConfig
 from toolkit.data.collator import IGNORE_INDEX, Batch
-from toolkit.distributed import average_gradients
+from toolkit.distributed import all_reduce_max, average_gradients
 from toolkit.oom import UnrecoverableOutOfMemory, free_memory, is_out_of_memory, oom_ranks
 from toolkit.training import zero
 from toolkit.training.batching import BatchPlan
@@ -96,6 +99,31 @@ class StepProgress:
     @classmethod
     def start(cls, device: torch.device) -> StepProgress:
         return cls(torch.zeros((), device=device), RngState.capture(device))
+
+
+class NonFiniteTraining(RuntimeError):
+    """Training cannot go on: non-finite steps persist, or the weights are no longer finite."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """What :meth:`TrainStep.finish` did."""
+
+    grad_norm: float | None
+    """The global gradient norm before clipping, when known."""
+    skipped: str | None = None
+    """Why the update was skipped ("non-finite loss", "non-finite gradient norm"), None if applied."""
+
+
+def agreed_nonfinite(loss_sum: torch.Tensor, grad_norm: float | None, device: torch.device) -> str | None:
+    """Whether this step's loss (any rank's) or the global gradient norm is non-finite; the same on every rank."""
+    bad_grad = grad_norm is not None and not math.isfinite(grad_norm)
+    flags = torch.tensor([0 if bool(torch.isfinite(loss_sum)) else 1, int(bad_grad)], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    if flags[0]:
+        return "non-finite loss"
+    return "non-finite gradient norm" if flags[1] else None
 
 
 @dataclass
@@ -176,14 +204,21 @@ class TrainStep(ABC):
     def _reduce_and_clip(self) -> float | None:
         """Make the gradients global and clip them; the pre-clip global norm when known."""
 
-    def finish(self) -> float | None:
-        """Apply the step's update; the gradient norm before clipping."""
+    def finish(self, progress: StepProgress) -> Update:
+        """Apply the step's update, or skip it when the loss or gradient norm is not finite on any rank."""
         grad_norm = self._reduce_and_clip()
-        self.parts.optimizer.step()
-        if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the lr schedule waits too
-            self.parts.scheduler.step()
+        skipped = agreed_nonfinite(progress.loss_sum, grad_norm, self.device)
+        if skipped is None:
+            self.parts.optimizer.step()
+            if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the lr schedule waits too
+                self.parts.scheduler.step()
         self.parts.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return Update(grad_norm, skipped)
+
+    def weights_finite(self) -> bool:
+        """Whether every rank's weights (its partition, under ZeRO-3) are finite: checked before a save."""
+        local = all(bool(torch.isfinite(p).all()) for p in self.parts.model.parameters() if p.is_floating_point())
+        return not all_reduce_max(not local, self.device)
 
     def export_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full weights for the final export when the module's own are not (None: save the module)."""
@@ -260,7 +295,9 @@ class DDPStep(TrainStep):
     def _reduce_and_clip(self) -> float | None:
         average_gradients(self.parts.model.parameters())
         if self.parts.max_grad_norm is None:
-            return None
+            # Not clipping, but the norm is still needed: a non-finite one skips the update.
+            grads = [p.grad for p in self.parts.model.parameters() if p.grad is not None]
+            return float(torch.nn.utils.get_total_norm(grads)) if grads else None
         norm = self.accelerator.clip_grad_norm_(self.parts.model.parameters(), self.parts.max_grad_norm)
         return float(norm) if norm is not None else None
 
@@ -294,6 +331,11 @@ class ZeroStep(TrainStep):
             if ranks:
                 progress.lost_seconds += time.perf_counter() - tick
                 return ranks
+            if all_reduce_max(not bool(torch.isfinite(summed)), self.device):  # type: ignore[arg-type]
+                raise NonFiniteTraining(
+                    "non-finite loss under DeepSpeed, whose update happens inside the backward and cannot be "
+                    "skipped: stopping before it reaches the weights; the newest checkpoint is good"
+                )
             last = progress.samples + len(batch.ids) == plan.per_rank
             self._backward(summed * scale, last, plan, "backward")
             progress.loss_sum += summed.detach()
@@ -336,6 +378,14 @@ class ZeroStep(TrainStep):
 
     def _reduce_and_clip(self) -> float | None:
         return zero.grad_norm(self.accelerator)  # DeepSpeed reduced and clipped in the last backward
+
+    def finish(self, progress: StepProgress) -> Update:
+        """The update already happened inside the last backward: a non-finite norm there is fatal."""
+        update = super().finish(progress)
+        if update.skipped is not None and not self.accelerator.optimizer_step_was_skipped:
+            raise NonFiniteTraining(f"{update.skipped} under DeepSpeed after the update was applied; "
+                                    "the newest checkpoint is good")
+        return update
 
 
 class Zero3Step(ZeroStep):

@@ -41,6 +41,7 @@ loop stays the same; this module holds what differs (checked with accelerate 1.1
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,6 +183,46 @@ def check_resumable(accelerator: Accelerator, directory: Path) -> None:
             f"{directory} was written by ZeRO-{stage} on {ranks} processes; this run is ZeRO-{now} on "
             f"{accelerator.num_processes}; {fix}"
         )
+
+
+SHARD_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+"""The plain data classes DeepSpeed 0.19 pickles into its shards besides tensors and containers."""
+
+
+def _shard_classes() -> list[Any]:
+    found = []
+    for name in SHARD_CLASSES:
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: the scan then names what it meets
+            continue
+    return found
+
+
+def check_shards_are_plain(directory: Path) -> None:
+    """Refuse DeepSpeed shards that hold anything but tensors, containers and :data:`SHARD_CLASSES`.
+
+    DeepSpeed unpickles its shards with ``weights_only=False``, so a shard replaced by a crafted
+    pickle would run code on resume. Each shard is first read with ``weights_only=True`` (memory-mapped:
+    no tensor data is read), which executes nothing and fails on any other object.
+    """
+    allowed = _shard_classes()
+    for shard in sorted((directory / CHECKPOINT_SUBDIR).glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # UnpicklingError, or a torn file
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+            raise ConfigError(
+                f"{shard} is not a plain DeepSpeed shard ({first}); refusing to let DeepSpeed unpickle it: "
+                "resume from another checkpoint or a new output.dir"
+            ) from None
 
 
 def compute_dtype(accelerator: Accelerator) -> torch.dtype | None:
