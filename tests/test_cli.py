@@ -72,3 +72,11 @@ def test_synth_and_bench_check_their_paths(tmp_path: Path, capsys: pytest.Captur
         f"config error: --out: {a_file / 'corpus'} lies under {a_file}, which is a file",
         f"error: no such model directory: {tmp_path / 'none'}",
     ]
+
+
+def test_main_returns_in_process_even_with_a_launcher_world_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only a rank that joined a process group of several leaves with os._exit; this must return.
+    from toolkit.distributed import leave
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert leave(2) == 2

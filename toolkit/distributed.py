@@ -86,10 +86,12 @@ def leave(code: int) -> int:
     DeepSpeed leave running: now and then a rank whose work was done aborted there ("terminate
     called without an active exception", exit -6) and failed the whole launch. Every file the
     command wrote is closed by now; stdout, stderr and the log handlers are flushed, and
-    ``os._exit`` skips the teardown. A single process destroys its process group and returns.
+    ``os._exit`` skips the teardown. Only a process that joined a group of several ranks does so
+    (not, say, a test calling ``main`` in-process with ``WORLD_SIZE`` set); another returns.
     """
-    if launched_world_size() <= 1:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not joined or torch.distributed.get_world_size() <= 1:
+        if joined:
             torch.distributed.destroy_process_group()
         return code
     import logging
