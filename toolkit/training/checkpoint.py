@@ -7,7 +7,7 @@ the directory to ``checkpoint-N`` (``output.dir`` must be on a filesystem all no
 
 Nothing is unpickled from a checkpoint: model weights are safetensors, the optimizer and per-rank
 RNG states are loaded by accelerate with ``weights_only=True``, the schedule and the loop's state
-are JSON; accelerate's ``custom_checkpoint_*.pkl`` (unpickled with ``weights_only=False``) is never
+are JSON; accelerate's ``custom_checkpoint_*.pkl`` (which it unpickles unrestricted) is never
 written or read, and DeepSpeed's shards are scanned before DeepSpeed unpickles them
 (:func:`toolkit.training.zero.check_shards_are_plain`). On resume a checkpoint that does not match
 its manifest is skipped, with the reason logged, for the newest one that does.

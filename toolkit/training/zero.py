@@ -208,7 +208,7 @@ def _shard_classes() -> list[Any]:
 def check_shards_are_plain(directory: Path) -> None:
     """Refuse DeepSpeed shards that hold anything but tensors, containers and :data:`SHARD_CLASSES`.
 
-    DeepSpeed unpickles its shards with ``weights_only=False``, so a shard replaced by a crafted
+    DeepSpeed unpickles its shards unrestricted (``weights_only`` off), so a shard replaced by a crafted
     pickle would run code on resume. Each shard is first read with ``weights_only=True`` (memory-mapped:
     no tensor data is read), which executes nothing and fails on any other object.
     """
