@@ -26,11 +26,20 @@ logger = logging.getLogger(__name__)
 
 
 def write_skipped(path: Path, skips: Iterable[Skip]) -> int:
-    """Rewrite ``skipped.jsonl`` (its content is a pure function of the data, so a resume rewrites it)."""
+    """Rewrite ``skipped.jsonl`` with the data's skips (a pure function of the data: a resume rewrites it)."""
+    return _write_jsonl(path, (asdict(skip) for skip in skips), "w")
+
+
+def append_skipped(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Add training-time skips (a step's samples, with the step and reason) to ``skipped.jsonl``."""
+    return _write_jsonl(path, records, "a")
+
+
+def _write_jsonl(path: Path, records: Iterable[dict[str, Any]], mode: str) -> int:
     count = 0
-    with path.open("w") as handle:
-        for skip in skips:
-            handle.write(json.dumps(asdict(skip), ensure_ascii=False) + "\n")
+    with path.open(mode) as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
     return count
 

@@ -43,14 +43,14 @@ from toolkit.evaluation.normalize import make_normalizer
 from toolkit.memory.advice import advice_for_run
 from toolkit.modeling import LoadedModel, load_model, trainable_parameters
 from toolkit.oom import Backoff, OutOfMemoryAtMicroBatchOne, free_memory, install_injector
-from toolkit.output import export_model, push_to_hub, write_json, write_skipped
+from toolkit.output import append_skipped, export_model, push_to_hub, write_json, write_skipped
 from toolkit.training import zero
 from toolkit.training.batching import BatchPlan, StepBatchSampler, StepSampler
 from toolkit.training.checkpoint import CheckpointManager, SavedState, TrainState
 from toolkit.training.fingerprint import check_resume, fingerprint
 from toolkit.training.lock import OutputLock
 from toolkit.training.manifest import verify
-from toolkit.training.metrics import MetricsLogger, StepStats, Window, append_skipped, peak_memory_gib
+from toolkit.training.metrics import MetricsLogger, StepStats, Window, peak_memory_gib
 from toolkit.training.optim import build_optimizer, build_scheduler
 from toolkit.training.probe import run_probe
 from toolkit.training.signals import Preempted, StopSignal

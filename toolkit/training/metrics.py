@@ -157,10 +157,3 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
-
-
-def append_skipped(path: Path, records: list[dict[str, Any]]) -> None:
-    """Add training-time skips (a step's samples, with the step and reason) to ``skipped.jsonl``."""
-    with path.open("a") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
