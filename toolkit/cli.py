@@ -43,14 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="WER/CER of a model on a data set; prints one JSON line")
     _add_evaluate_arguments(ev)
 
-    bench = sub.add_parser("bench", help="measurements behind design choices")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    feats = bench_sub.add_parser("features", help="cached log-mel features vs features computed per batch")
-    feats.add_argument("--data", required=True, help="an audiofolder or manifest")
-    feats.add_argument("--model", required=True, help="a Whisper directory (for its feature extractor)")
-    feats.add_argument("--samples", type=int, default=256)
-    feats.add_argument("--batch-size", type=int, default=16)
-    feats.add_argument("--workdir", default=None, help="where to write the feature store (default: a temp dir)")
+    bench = sub.add_parser(
+        "bench", help="speed of a recipe (training + one eval: clips/s, audio-hours/hour, MFU, memory); "
+        "`bench features`: cached vs per-batch log-mel features",
+    )
+    bench.add_argument("overrides", nargs="*", help="dotted recipe overrides; or the word `features`")
+    bench.add_argument("--config", help="recipe YAML to bench")
+    bench.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    bench.add_argument("--clips", type=int, default=None, help="train until this many clips are seen")
+    bench.add_argument("--peak-tflops", type=float, default=None, help="one device's peak, for MFU")
+    bench.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the steady_* figures")
+    bench.add_argument("--data", help="bench features: an audiofolder or manifest")
+    bench.add_argument("--model", help="bench features: a Whisper directory (for its feature extractor)")
+    bench.add_argument("--samples", type=int, default=256, help="bench features: clips")
+    bench.add_argument("--batch-size", type=int, default=16, help="bench features: batch size")
+    bench.add_argument("--workdir", default=None, help="bench features: where to write the feature store")
 
     synth = sub.add_parser("synth", help="synthesise an English audiofolder corpus with espeak-ng (no download)")
     synth.add_argument("--out", required=True, help="output directory; gets train/ and dev/ audiofolders")
@@ -139,8 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     return leave(code)
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; recipe overrides may also follow options (``bench --clips 64 a.b=1``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def _run(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from toolkit.data.sources import DataError
     from toolkit.modeling import ModelLoadError, check_model_source
@@ -174,12 +193,7 @@ def _run(argv: list[str] | None) -> int:
             return _evaluate(args)
         elif args.command == "bench":
             setup_logging(args.verbose)
-            from toolkit import bench
-
-            check_model_source(args.model)
-            if args.workdir:
-                check_writable_dir("--workdir", args.workdir)
-            print(json.dumps(bench.run_features(args.data, args.model, args.samples, args.batch_size, args.workdir)))
+            return _bench(args)
         elif args.command == "synth":
             from toolkit import synth
 
@@ -208,6 +222,31 @@ def _run(argv: list[str] | None) -> int:
         # Every rank prints it: they all agreed on it (or the launcher is about to stop them).
         print(f"out of memory [rank {os.environ.get('RANK', '0')}]: {exc}", file=sys.stderr, flush=True)
         return EXIT_OUT_OF_MEMORY
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from toolkit.modeling import check_model_source
+
+    if args.overrides[:1] == ["features"]:
+        from toolkit.bench.features import run_features
+
+        if not args.data or not args.model:
+            raise ConfigError("bench features needs --data and --model")
+        check_model_source(args.model)
+        if args.workdir:
+            check_writable_dir("--workdir", args.workdir)
+        print(json.dumps(run_features(args.data, args.model, args.samples, args.batch_size, args.workdir)))
+        return 0
+    if not args.config:
+        raise ConfigError("bench needs --config RECIPE (or `bench features`)")
+    from toolkit.bench.training import BenchOptions, bench
+
+    options = BenchOptions(steps=args.steps, clips=args.clips, peak_tflops=args.peak_tflops,
+                           warmup_steps=args.warmup_steps)
+    config = load_config(args.config, args.overrides)
+    check_model_source(config.model.name_or_path)
+    bench(config, options)
     return 0
 
 

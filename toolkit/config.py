@@ -112,7 +112,15 @@ class DataConfig:
     num_proc: int = 1
     """Decoding worker processes per rank during preprocessing."""
     num_workers: int = 1
-    """DataLoader worker processes per rank (log-mel features are computed there)."""
+    """DataLoader worker processes per rank (they decode the cached audio, and compute the log-mel
+    features with ``features_on: workers``)."""
+    features_on: Literal["device", "workers"] = "device"
+    """Where log-mel features are computed: on the training device from 16-bit audio (the workers
+    only decode and pad), or by the feature extractor in the DataLoader workers."""
+    packing: bool = False
+    """Training packs several clips, with 0.3 s silent gaps, into each 30 s window, their transcripts
+    in order in one label (:mod:`toolkit.data.packing`). training.global_batch_size then counts
+    windows; logs and results.json also report clips and audio hours. Evaluation is per clip."""
     fail_on_skip: bool = False
     """Abort instead of skipping when a sample is unreadable, corrupt, NaN/absurdly loud or has no transcript."""
     dedup: bool = False
@@ -184,8 +192,13 @@ class TrainingConfig:
     """Gradient clipping norm; null disables clipping."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast precision; master weights stay fp32."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in the backward pass to save memory (about a third more compute).
+    ``auto``: only when the memory planner expects the largest micro-batch not to fit without it."""
+    overlap_grad_sync: bool = True
+    """DDP: all-reduce the gradients during the step's last backward (overlapped with it), after the
+    ranks agreed that its forward fit. An out-of-memory error in that one backward then ends the run
+    (exit 4, with the micro-batch to set) instead of backing off; false averages after every backward."""
     seed: int = 42
     """Seed for initialisation, data order and dropout, in [0, 2**32) (what numpy accepts)."""
     log_every: int = 10
@@ -300,7 +313,8 @@ class EvaluationConfig:
     batch_size: int = 16
     """Utterances per generate() call on one process."""
     max_new_tokens: int = 225
-    """Generation length limit (tokens after the prompt)."""
+    """Generation length limit (tokens after the prompt); lowered to 1.5x the longest reference + 8
+    tokens when that is less (one looping hypothesis would run its whole batch to the limit)."""
     num_beams: int = 1
     """1 is greedy decoding."""
 

@@ -203,9 +203,11 @@ def configure_for_training(
     if model_cfg.spec_augment:
         model.config.mask_time_prob = model_cfg.mask_time_prob
         model.config.mask_feature_prob = model_cfg.mask_feature_prob
+    # `auto` is resolved by the training run before it loads the model; unresolved, it means off.
+    checkpointing = training_cfg.gradient_checkpointing is True
     if model_cfg.quantization != "none":
-        model = prepare_quantized(model, training_cfg.gradient_checkpointing)
-    elif training_cfg.gradient_checkpointing:
+        model = prepare_quantized(model, checkpointing)
+    elif checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if training_cfg.method == "lora":
         return apply_lora(model, lora_cfg, freeze_encoder=model_cfg.freeze_encoder)

@@ -193,7 +193,8 @@ Fine-tuned with whisper-toolkit from `{config.model.name_or_path}` on `{config.d
 - Steps: {results.get("steps")}; global batch: {results.get("global_batch_size")}
   (micro-batch {results.get("micro_batch_size")} x accumulation {results.get("gradient_accumulation_steps")}
   x {results.get("world_size")} processes)
-- Training throughput: {results.get("train_samples_per_second")} samples/s
+- Training throughput: {results.get("train_samples_per_second")} clips/s, {results.get("train_audio_hours_per_hour")}
+  audio-hours/hour{" (packed into 30 s windows)" if results.get("packing") else ""}
 
 ## Evaluation on `{config.data.eval}`
 

@@ -159,7 +159,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 return coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(exc)
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: {value!r} must be {_type_name(hint)}")
     if origin is list:
         if isinstance(value, str):  # `lora.target_modules=q_proj,v_proj` on the command line
             value = [part.strip() for part in value.split(",") if part.strip()]
@@ -167,6 +167,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is Literal:
+        if value is False and "no" in args:
+            value = "no"  # YAML 1.1 reads an unquoted `no` (`training.mixed_precision=no`) as false
         if value not in args:
             raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
@@ -205,4 +207,10 @@ def _finite_float(value: Any, key: str) -> float:
 
 
 def _type_name(hint: Any) -> str:
+    """``true, false or 'auto'`` for ``bool | Literal["auto"]``; the class name otherwise."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(map(repr, args))
+    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join("true or false" if a is bool else _type_name(a) for a in args if a is not type(None))
     return getattr(hint, "__name__", str(hint))

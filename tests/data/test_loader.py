@@ -131,7 +131,8 @@ def test_what_a_loader_holds_pickles(train_data: tuple[Any, Any]) -> None:
     assert list(pickle.loads(pickle.dumps(sampler))) == list(sampler)
     assert len(pickle.dumps(dataset)) < 1_000_000  # the Arrow table goes by path, not by value
     copy = pickle.loads(pickle.dumps(dataset))
-    assert np.array_equal(copy[3].audio, dataset[3].audio) and copy[3].labels == dataset[3].labels
+    assert np.array_equal(copy[3].pcm, dataset[3].pcm) and copy[3].scale == dataset[3].scale
+    assert copy[3].labels == dataset[3].labels
     assert pickle.loads(pickle.dumps(collator)).decoder_start_token_id == collator.decoder_start_token_id
     assert pickle.loads(pickle.dumps(ignore_stop_signals)) is ignore_stop_signals
 
@@ -155,3 +156,62 @@ def test_workers_ignore_sigterm_and_yield_the_same_batches(default_start: None, 
         assert a.ids == b.ids and a.texts == b.texts
         assert torch.equal(a.input_features, b.input_features)
         assert torch.equal(a.labels, b.labels)
+
+
+@pytest.fixture(scope="module")
+def packed_data(tiny_model: Path, train_data: tuple[Any, Any]) -> Any:
+    """The train split with a packer (short labels, so the 32 short clips make a dozen windows)."""
+    import copy
+
+    from transformers import WhisperTokenizer
+
+    from toolkit.data.packing import Packer
+
+    dataset = copy.copy(train_data[0])  # the module's plain dataset stays unpacked
+    dataset.packer = Packer.build(dataset, WhisperTokenizer.from_pretrained(tiny_model), 120)
+    return dataset
+
+
+def _packed_step_batches(dataset: Any) -> Any:
+    from functools import partial
+
+    from toolkit.training.batching import BatchPlan, StepBatchSampler, StepSampler
+
+    layout = partial(dataset.packer.layout, durations=dataset.durations)
+    return StepBatchSampler(StepSampler(len(dataset), 7, 0, layout), BatchPlan.create(4, 2, 1), 0, 5)
+
+
+def test_packed_dataset_pickles_with_its_packer(packed_data: Any) -> None:
+    batches = list(_packed_step_batches(packed_data))
+    assert len(batches) == 10 and all(isinstance(unit, tuple) for batch in batches for unit in batch)
+    assert any(len(unit) > 1 for batch in batches for unit in batch)
+    unit = batches[0][0]
+    copy = pickle.loads(pickle.dumps(packed_data))
+    assert copy.packer == packed_data.packer
+    window, again = packed_data[unit], copy[unit]
+    assert np.array_equal(window.pcm, again.pcm) and window.labels == again.labels
+    assert window.segments == again.segments and len(window.segments) == len(unit)
+
+
+@pytest.mark.parametrize("features_on", ["device", "workers"])
+def test_workers_yield_the_same_packed_batches(
+    default_start: None, tiny_model: Path, packed_data: Any, features_on: str
+) -> None:
+    from transformers import WhisperProcessor
+
+    from toolkit.data.collator import WhisperCollator
+
+    processor = WhisperProcessor.from_pretrained(tiny_model)
+    start = processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    collator = WhisperCollator(processor.feature_extractor, start, features_on)
+    plain = list(build_loader(packed_data, _packed_step_batches(packed_data), collator, num_workers=0))
+    got = list(build_loader(packed_data, _packed_step_batches(packed_data), collator, num_workers=1,
+                            generator=torch.Generator().manual_seed(7)))
+    assert len(got) == len(plain) == 10
+    for a, b in zip(got, plain, strict=True):
+        assert a.ids == b.ids and a.texts == b.texts and a.segments == b.segments
+        assert all(len(segments) == len(i.split("+")) for i, segments in zip(a.ids, a.segments, strict=True))
+        assert torch.equal(a.labels, b.labels)
+        if features_on == "device":
+            assert torch.equal(a.pcm, b.pcm) and torch.equal(a.scales, b.scales)
+        assert torch.equal(a.to("cpu").input_features, b.to("cpu").input_features)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from tests.conftest import write_audiofolder, write_clip
 from toolkit.config import DataConfig
-from toolkit.data import preprocess
+from toolkit.data import pcm, preprocess
+from toolkit.data.audio import SAMPLING_RATE, decode_audio
 from toolkit.data.dataset import build_dataset
 from toolkit.data.pipeline import load_split
 from toolkit.data.preprocess import prepare_split
@@ -41,7 +43,13 @@ def test_bad_samples_are_skipped_with_reasons(tmp_path: Path) -> None:
     assert reasons["long.flac"] == ("filtered", "longer than 30 s (31.0 s)")
     assert reasons["notext.flac"] == ("error", "empty transcript")
     row = prepared.dataset.with_format("numpy")[0]
-    assert row["audio"].dtype == np.float32 and abs(row["duration"] - 1.0) < 1e-3
+    assert abs(row["duration"] - 1.0) < 1e-3
+    # The cache holds 16-bit FLAC and a scale: decoded, it is the source audio within half a step.
+    assert isinstance(row["flac"], bytes) and row["flac"][:4] == b"fLaC" and float(row["scale"]) == 1.0
+    samples = pcm.decode(row["flac"])
+    assert samples.dtype == np.int16 and len(samples) == round(row["duration"] * SAMPLING_RATE)
+    source_audio = decode_audio(str(root / "clip-000.flac"))
+    assert np.abs(pcm.to_float(samples, float(row["scale"])) - source_audio).max() <= 0.5 / 32767 + 1e-6
 
 
 def test_cache_is_reused_and_keyed_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,7 +98,26 @@ def test_parallel_workers_give_the_same_result(tmp_path: Path, monkeypatch: pyte
     serial = prepare_split(open_source(str(root), split="", text_column="sentence"), "t", tmp_path / "c1")
     parallel = prepare_split(open_source(str(root), split="", text_column="sentence"), "t", tmp_path / "c2", num_proc=2)
     assert serial.dataset["id"] == parallel.dataset["id"]
-    assert np.allclose(serial.dataset.with_format("numpy")[3]["audio"], parallel.dataset.with_format("numpy")[3]["audio"])
+    assert serial.dataset["flac"] == parallel.dataset["flac"] and serial.dataset["scale"] == parallel.dataset["scale"]
+
+
+def test_cache_keeps_loud_audio_unclipped_and_is_compact(tmp_path: Path) -> None:
+    """A float file peaking at 4 is stored divided by 4 (scale 4), not clipped; FLAC beats float32 4x+."""
+    root = folder_with_loud_clip(tmp_path / "af", 2, "hot.wav", 4.0, "a clip that overshoots full scale")
+    prepared = prepare_split(open_source(str(root), split="", text_column="sentence"), "train", tmp_path / "cache")
+    assert prepared.dataset.features["flac"].dtype == "binary" and "audio" not in prepared.dataset.column_names
+    rows = {row["id"]: row for row in prepared.dataset}
+    hot = rows["hot.wav"]
+    assert hot["scale"] == pytest.approx(4.0)
+    source_audio = decode_audio(str(root / "hot.wav"))
+    back = pcm.to_float(pcm.decode(hot["flac"]), hot["scale"])
+    assert float(back[50]) == pytest.approx(4.0, abs=1e-6)  # the loud sample, kept
+    assert np.abs(back - source_audio).max() <= 0.5 * hot["scale"] / 32767 + 1e-6
+    for name in ("clip-000.flac", "clip-001.flac"):
+        row = rows[name]
+        assert row["scale"] == 1.0
+        assert len(row["flac"]) < 2 * len(pcm.decode(row["flac"]))  # under raw 16-bit, let alone float32
+    assert preprocess.FORMAT_VERSION >= 4
 
 
 def test_label_length_filter(tmp_path: Path, tiny_model: Path) -> None:
@@ -125,12 +152,7 @@ def test_fail_on_skip_and_all_bad(tmp_path: Path) -> None:
 
 
 def test_absurd_amplitude_is_a_counted_skip(tmp_path: Path) -> None:
-    from tests.data.test_audio import write_loud_clip
-
-    root = write_audiofolder(tmp_path / "af", 3)
-    write_loud_clip(root / "loud.wav", 1e30)
-    with (root / "metadata.csv").open("a") as handle:
-        handle.write("loud.wav,a clip with one absurd sample\n")
+    root = folder_with_loud_clip(tmp_path / "af", 3, "loud.wav", 1e30, "a clip with one absurd sample")
     prepared = prepare_split(open_source(str(root), split="", text_column="sentence"), "train", tmp_path / "cache")
     assert len(prepared.dataset) == 3
     assert [(s.id, s.kind, s.reason) for s in prepared.skips] == [("loud.wav", "error", "absurd amplitude (peak 1e+30)")]
@@ -151,3 +173,28 @@ def test_skip_records_are_json(tmp_path: Path) -> None:
     assert write_skipped(tmp_path / "skipped.jsonl", split.skips) == 5
     rows = [json.loads(line) for line in (tmp_path / "skipped.jsonl").read_text().splitlines()]
     assert {tuple(sorted(r)) for r in rows} == {("id", "kind", "reason", "split")}
+
+
+def test_every_cached_clip_loads_even_one_that_resamples_to_nothing(tmp_path: Path) -> None:
+    """One sample at 44.1 kHz passes the empty check and resamples to 0 samples at 16 kHz. Either it is
+    a counted skip, or the dataset yields it (as empty audio): a cached row that cannot be read is neither."""
+    root = write_audiofolder(tmp_path / "af", 2)
+    sf.write(root / "tick.wav", np.array([0.1], dtype=np.float32), 44_100)
+    with (root / "metadata.csv").open("a") as handle:
+        handle.write("tick.wav,a one-sample clip\n")
+    prepared = prepare_split(open_source(str(root), split="", text_column="sentence"), "train", tmp_path / "cache")
+    dataset, _ = build_dataset(prepared, None)
+    assert [(s.id, s.reason) for s in prepared.skips] == [("tick.wav", "empty audio (0 samples once resampled from 44100 Hz)")]
+    for index in range(len(dataset)):
+        assert dataset[index].pcm.dtype == np.int16
+
+
+def folder_with_loud_clip(root: Path, clips: int, name: str, peak: float, text: str) -> Path:
+    """An audiofolder of ``clips`` ordinary clips plus one float WAV ``name`` that peaks at ``peak``."""
+    from tests.data.test_audio import write_loud_clip
+
+    write_audiofolder(root, clips)
+    write_loud_clip(root / name, peak)
+    with (root / "metadata.csv").open("a") as handle:
+        handle.write(f"{name},{text}\n")
+    return root

@@ -47,7 +47,8 @@ def test_outputs_and_metrics(two_process_run: Path) -> None:
     lines = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
     train_lines = [line for line in lines if "loss" in line]
     assert [line["step"] for line in train_lines] == [1, 2, 3, 4]
-    for key in ("loss", "lr", "samples_per_second", "audio_seconds_per_second", "peak_memory_gib", "grad_norm"):
+    for key in ("loss", "lr", "samples_per_second", "windows_per_second", "audio_hours_per_hour", "tokens_per_second",
+                "mfu", "loader_wait_fraction", "peak_memory_gib", "grad_norm"):
         assert all(key in line for line in train_lines), key
     assert train_lines[0]["lr"] == pytest.approx(1e-3) and train_lines[-1]["lr"] == 0.0  # warm-up 1, linear to 0
     assert any("eval/wer" in line for line in lines)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, launch, train_args, write_audiofolder
 from toolkit.config import load_config
+from toolkit.data.loader import TimedBatches
 from toolkit.training.loop import TrainingRun
 from toolkit.training.step import NonFiniteTraining
 
@@ -37,7 +38,7 @@ def set_up(model: Path, corpus: Path, out: Path, *overrides: str) -> TrainingRun
     args = train_args(model, corpus, out, "data.eval=null", *overrides)
     run = TrainingRun(load_config(ROOT / "recipes" / "demo.yaml", args[3:]))
     run.setup()
-    run.batches = iter(run.train_loader(0))
+    run.batches = TimedBatches(run.train_loader(0))
     return run
 
 

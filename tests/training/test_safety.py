@@ -170,6 +170,20 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path: Path, tiny_mod
 
 
 @pytest.mark.slow
+def test_the_lock_is_held_past_the_first_steps(tmp_path: Path, tiny_model: Path, corpus: Path) -> None:
+    from tests.training.test_resume import kill_tree, start, wait_for
+
+    out = tmp_path / "run"
+    first = start(args_for(tiny_model, corpus, out, "training.max_steps=500", "training.save_every=2"), processes=1)
+    try:
+        wait_for(out / "checkpoints" / "checkpoint-2", first)  # two steps done
+        second = launch(args_for(tiny_model, corpus, out, "training.max_steps=1"), processes=1, timeout=TIMEOUT_S)
+        assert second.returncode == 2 and "is in use by another run" in second.stderr
+    finally:
+        kill_tree(first)
+
+
+@pytest.mark.slow
 def test_ranks_stop_and_checkpoint_when_the_launcher_is_killed(tmp_path: Path, tiny_model: Path, corpus: Path) -> None:
     out = tmp_path / "run"
     args = args_for(tiny_model, corpus, out, "training.max_steps=500", "training.save_every=0")

@@ -15,6 +15,7 @@ import torch
 from tests.conftest import ROOT, train_args
 from toolkit.config import load_config
 from toolkit.data.collator import Batch
+from toolkit.data.loader import TimedBatches
 from toolkit.oom import INJECT_ENV, UnrecoverableOutOfMemory, install_injector
 from toolkit.training import finder, zero
 from toolkit.training.batching import BatchPlan
@@ -28,7 +29,7 @@ def set_up(model: Path, corpus: Path, out: Path, *overrides: str) -> TrainingRun
     args = train_args(model, corpus, out, "data.eval=null", "training.global_batch_size=8", *overrides)
     run = TrainingRun(load_config(ROOT / "recipes" / "demo.yaml", args[3:]))
     run.setup()
-    run.batches = iter(run.train_loader(0))
+    run.batches = TimedBatches(run.train_loader(0))
     run.step.model.train()
     return run
 

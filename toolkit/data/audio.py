@@ -58,4 +58,6 @@ def decode_audio(audio: str | bytes | None, target_sr: int = SAMPLING_RATE) -> n
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if sr != target_sr:
         mono = soxr.resample(mono, sr, target_sr, quality="HQ")
+        if mono.size == 0:
+            raise AudioError(f"empty audio (0 samples once resampled from {sr} Hz)")
     return np.ascontiguousarray(mono, dtype=np.float32)

@@ -1,57 +1,102 @@
-"""Seq2seq collator: log-mel features per batch, labels padded with -100, leading start token cut."""
+"""Seq2seq collator: features (or 16-bit audio for the device) per batch, labels padded with -100.
+
+Two places compute Whisper's log-mel features:
+
+* ``workers`` (the feature extractor in the DataLoader workers): batches carry the features;
+* ``device`` (:class:`~toolkit.data.logmel.LogMel`): batches carry the unpadded clips' 16-bit
+  samples, padded to the batch's longest, and :meth:`Batch.to` computes the features once the
+  samples are on the device. A 4 s clip then travels as 128 KB of int16 instead of 960 KB of features.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from toolkit.data.audio import SAMPLING_RATE
-from toolkit.data.dataset import Example
+from toolkit.data.dataset import Example, Segment
+from toolkit.data.logmel import LogMel
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class Batch:
-    """A collated micro-batch. ``labels`` is None for evaluation-only data."""
+    """A collated micro-batch. ``labels`` is None for evaluation-only data.
 
-    input_features: torch.Tensor
+    Either ``input_features`` is set, or ``pcm``/``scales``/``logmel`` are and the features are
+    computed by :meth:`to`.
+    """
+
+    input_features: torch.Tensor | None
     labels: torch.Tensor | None
     ids: list[str]
     texts: list[str]
+    pcm: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    logmel: LogMel | None = None
+    segments: list[list[Segment] | None] | None = None
+    """Per example: the clips of a packed window (None for a single clip)."""
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        features = self.input_features.to(device, dtype=dtype) if dtype else self.input_features.to(device)
+        """The batch on ``device``, with its features computed there if it carries audio."""
+        features = self.input_features
+        if features is None:
+            assert self.pcm is not None and self.scales is not None and self.logmel is not None
+            features = self.logmel(self.pcm.to(device, non_blocking=True), self.scales)
+        features = features.to(device, dtype=dtype) if dtype else features.to(device)
         labels = self.labels.to(device) if self.labels is not None else None
-        return Batch(features, labels, self.ids, self.texts)
+        return replace(self, input_features=features, labels=labels, pcm=None, scales=None)
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies of the tensors (the DataLoader calls this with ``pin_memory=True``)."""
+        return replace(self, input_features=_pinned(self.input_features), labels=_pinned(self.labels),
+                       pcm=_pinned(self.pcm))
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
 class WhisperCollator:
-    """Turn :class:`Example` lists into a :class:`Batch`.
+    """Turn :class:`Example` lists into a :class:`Batch` (features ``on`` the ``workers`` or the ``device``)."""
 
-    Features are computed here, in the DataLoader workers, rather than stored: see the README.
-    """
-
-    def __init__(self, feature_extractor: Any, decoder_start_token_id: int):
+    def __init__(self, feature_extractor: Any, decoder_start_token_id: int, features_on: str = "workers"):
+        if features_on not in ("workers", "device"):
+            raise ValueError(f"features_on must be 'workers' or 'device', got {features_on!r}")
         self.feature_extractor = feature_extractor
         self.decoder_start_token_id = decoder_start_token_id
+        if features_on == "device" and getattr(feature_extractor, "dither", 0.0):
+            raise ValueError("the feature extractor dithers (dither > 0), which the device path does not: "
+                             "set data.features_on=workers")
+        self.logmel = LogMel(feature_extractor) if features_on == "device" else None
 
     def __call__(self, examples: list[Example]) -> Batch:
-        features = self.feature_extractor(
-            [ex.audio for ex in examples], sampling_rate=SAMPLING_RATE, return_tensors="pt"
-        ).input_features
         labels = None
         if all(ex.labels is not None for ex in examples):
             labels = pad_labels([ex.labels for ex in examples])  # type: ignore[misc]
             # The model prepends the start token itself when it shifts labels right; keep it once.
             if labels.shape[1] > 0 and bool((labels[:, 0] == self.decoder_start_token_id).all()):
                 labels = labels[:, 1:]
-        return Batch(features, labels, [ex.id for ex in examples], [ex.text for ex in examples])
+        ids, texts = [ex.id for ex in examples], [ex.text for ex in examples]
+        segments = [ex.segments for ex in examples]
+        if self.logmel is None:
+            features = self.feature_extractor(
+                [ex.audio for ex in examples], sampling_rate=SAMPLING_RATE, return_tensors="pt"
+            ).input_features
+            return Batch(features, labels, ids, texts, segments=segments)
+        width = max(len(ex.pcm) for ex in examples)
+        pcm = np.zeros((len(examples), width), dtype=np.int16)
+        for row, ex in enumerate(examples):
+            pcm[row, : len(ex.pcm)] = ex.pcm
+        scales = torch.tensor([ex.scale for ex in examples], dtype=torch.float32)
+        return Batch(None, labels, ids, texts, torch.from_numpy(pcm), scales, self.logmel, segments)
+
+
+def _pinned(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return tensor.pin_memory() if tensor is not None else None
 
 
 def pad_labels(sequences: list[list[int]]) -> torch.Tensor:

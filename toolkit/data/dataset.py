@@ -1,7 +1,14 @@
-"""Model-facing datasets: cached audio plus tokenised labels, with the label-length filter applied."""
+"""Model-facing datasets: cached audio plus tokenised labels, with the label-length filter applied.
+
+An item is addressed by a *unit*: a row number (one clip), or a tuple of row numbers (a packed
+window of several clips, :mod:`toolkit.data.packing`). The sampler yields units; the dataset turns
+each into an :class:`Example`, and answers what a list of units holds (clips, label tokens, audio
+seconds) without decoding any audio.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,39 +16,97 @@ import numpy as np
 import torch
 
 from toolkit.config import WHISPER_MAX_TARGET_POSITIONS
+from toolkit.data import pcm as pcm_codec
 from toolkit.data.preprocess import PreparedSplit, Skip
+
+Unit = int | tuple[int, ...]
+"""One training item: a clip's row number, or the row numbers of the clips packed into one window."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where one clip of a packed window lies in it (seconds from the window's start), and its text."""
+
+    start: float
+    end: float
+    text: str
 
 
 @dataclass
 class Example:
     id: str
-    audio: np.ndarray
+    pcm: np.ndarray
+    """16-bit samples at 16 kHz; the audio is ``pcm * scale / 32767``."""
+    scale: float
     text: str
     labels: list[int] | None
+    segments: list[Segment] | None = None
+    """Packed windows only: every clip's span and text, in order (exact, for timestamp targets)."""
+
+    @property
+    def audio(self) -> np.ndarray:
+        """float32 samples."""
+        return pcm_codec.to_float(self.pcm, self.scale)
 
 
 class SpeechDataset(torch.utils.data.Dataset):
     """Indexable view of a prepared split; ``rows`` selects which cached rows are used."""
 
     def __init__(self, table: Any, rows: np.ndarray, labels: list[list[int]] | None, durations: np.ndarray):
-        self.table = table.with_format("numpy", columns=["id", "audio", "text"])
+        # Python objects, not numpy: numpy's bytes scalars drop trailing NUL bytes, which truncates
+        # any FLAC stream that happens to end in one.
+        self.table = table.with_format(None, columns=["id", "flac", "scale", "text"])
         self.rows = rows
         self.labels = labels
         self.durations = durations
+        self.longest_reference: int | None = None
+        """Tokens of the longest tokenised transcript (prompt and end-of-text included), when known."""
+        self.packer: Any = None
+        """A :class:`~toolkit.data.packing.Packer` when training packs clips into windows."""
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> Example:
+    def clip(self, index: int) -> Example:
         row = self.table[int(self.rows[index])]
         labels = self.labels[index] if self.labels is not None else None
-        return Example(id=str(row["id"]), audio=row["audio"], text=str(row["text"]), labels=labels)
+        return Example(str(row["id"]), pcm_codec.decode(row["flac"]), float(row["scale"]), str(row["text"]), labels)
+
+    def __getitem__(self, unit: Unit) -> Example:
+        if isinstance(unit, tuple):
+            return self.packer.window(self, unit)
+        return self.clip(unit)
 
     def label_lengths(self) -> np.ndarray:
-        """Tokens each example contributes to the loss (the leading start token is not predicted)."""
+        """Tokens each clip contributes to the loss alone (the leading start token is not predicted)."""
         if self.labels is None:
             raise ValueError("this dataset has no labels")
         return np.array([len(ids) - 1 for ids in self.labels], dtype=np.int64)
+
+    def unit_tokens(self, units: Sequence[Unit]) -> int:
+        """Label tokens predicted over ``units`` (what the loss is averaged over)."""
+        if _packed(units):
+            return sum(self.packer.window_tokens(unit) for unit in units)
+        return int(self._lengths()[np.asarray(units, dtype=np.int64)].sum())
+
+    def unit_clips(self, units: Sequence[Unit]) -> np.ndarray:
+        """The row numbers of every clip in ``units``, in order."""
+        if _packed(units):
+            return np.asarray([i for unit in units for i in unit], dtype=np.int64)
+        return np.asarray(units, dtype=np.int64)
+
+    def unit_seconds(self, units: Sequence[Unit]) -> float:
+        """Speech seconds in ``units`` (gaps between packed clips not counted)."""
+        return float(self.durations[self.unit_clips(units)].sum())
+
+    def clip_ids(self, units: Sequence[Unit]) -> list[str]:
+        ids = self.table.data.column("id")  # the Arrow column: no audio decoded
+        return [ids[int(self.rows[i])].as_py() for i in self.unit_clips(units)]
+
+    def _lengths(self) -> np.ndarray:
+        if getattr(self, "_cached_lengths", None) is None:
+            self._cached_lengths = self.label_lengths()
+        return self._cached_lengths
 
 
 def build_dataset(
@@ -72,4 +137,10 @@ def build_dataset(
         keep.append(row)
         labels.append(list(tokens))
     rows = np.asarray(keep, dtype=np.int64)
-    return SpeechDataset(table, rows, labels if keep_labels else None, durations[rows]), skips
+    dataset = SpeechDataset(table, rows, labels if keep_labels else None, durations[rows])
+    dataset.longest_reference = max((len(ids[row]) for row in keep), default=None)
+    return dataset, skips
+
+
+def _packed(units: Sequence[Unit]) -> bool:
+    return len(units) > 0 and isinstance(units[0], tuple)

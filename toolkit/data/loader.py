@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -101,6 +102,26 @@ def build_loader(
         num_workers=num_workers,
         multiprocessing_context=context,
         persistent_workers=False,
+        # page-locked batches copy to the GPU asynchronously (Batch.to uses non_blocking)
+        pin_memory=torch.cuda.is_available(),
         worker_init_fn=ignore_stop_signals,
         generator=generator,
     )
+
+
+class TimedBatches:
+    """An iterator of batches that adds the time spent waiting for each one to :attr:`waited`."""
+
+    def __init__(self, loader: Iterable[Any]):
+        self._it = iter(loader)
+        self.waited = 0.0
+
+    def __iter__(self) -> TimedBatches:
+        return self
+
+    def __next__(self) -> Any:
+        tick = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self.waited += time.perf_counter() - tick

@@ -23,6 +23,8 @@ class LoadedSplit:
     skips: list[Skip]
     source: str
     total_items: int
+    bytes_on_disk: int = 0
+    """Size of the split's preprocessing cache."""
 
     @property
     def errors(self) -> list[Skip]:
@@ -78,7 +80,8 @@ def load_split(role: str, data_cfg: DataConfig, tokenizer: Any | None, source: S
     dataset, label_skips = build_dataset(
         prepared, tokenizer, max_label_tokens=data_cfg.max_label_tokens, split=role, keep_labels=role == "train"
     )
-    loaded = LoadedSplit(dataset, duplicates + prepared.skips + label_skips, source.description, total)
+    loaded = LoadedSplit(dataset, duplicates + prepared.skips + label_skips, source.description, total,
+                         prepared.bytes_on_disk)
     if state.is_main_process:
         logger.info(
             "%s (cache: %d chunks built, %d reused)", loaded.summary(), prepared.chunks_built, prepared.chunks_reused

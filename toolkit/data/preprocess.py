@@ -7,8 +7,9 @@ with another world size reuses every unchanged chunk. Missing chunks are split a
 (chunk ``i`` belongs to rank ``i % world``) and, within a rank, across ``num_proc`` worker processes.
 A chunk is written to a temp dir and renamed, so a killed job never leaves a half chunk behind.
 
-What is stored is 16 kHz mono float32 audio plus its text, not log-mel features: see the README
-("Why audio and not log-mel features are cached") for the measurements behind that choice.
+What is stored is 16 kHz mono audio as 16-bit FLAC (:mod:`toolkit.data.pcm`) plus its text, not
+log-mel features: see the README ("Why audio and not log-mel features are cached") for the
+measurements behind that choice.
 Transcripts are tokenised later (:mod:`toolkit.data.dataset`), so the cache is tokenizer-independent.
 """
 
@@ -28,13 +29,14 @@ from typing import Any
 
 import datasets
 
+from toolkit.data import pcm
 from toolkit.data.audio import SAMPLING_RATE, AudioError, decode_audio
 from toolkit.data.sources import DataError, Source
 
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 256
-FORMAT_VERSION = 3  # 3: audio past MAX_PEAK is skipped; chunks built before may hold some
+FORMAT_VERSION = 4  # 4: 16-bit FLAC + scale instead of float32; 3: audio past MAX_PEAK is skipped
 SKIP_FILE = "skips.json"
 
 
@@ -56,15 +58,17 @@ class PreparedSplit:
     skips: list[Skip] = field(default_factory=list)
     chunks_built: int = 0
     chunks_reused: int = 0
+    bytes_on_disk: int = 0
+    """Size of the split's cache chunks."""
 
 
 
 def features() -> datasets.Features:
-    list_type = getattr(datasets, "List", None) or datasets.Sequence
     return datasets.Features(
         {
             "id": datasets.Value("string"),
-            "audio": list_type(datasets.Value("float32")),
+            "flac": datasets.Value("binary"),
+            "scale": datasets.Value("float32"),
             "text": datasets.Value("string"),
             "duration": datasets.Value("float32"),
         }
@@ -80,7 +84,7 @@ def process_chunk(
     source: Source, start: int, stop: int, split: str, *, target_sr: int, max_duration_s: float
 ) -> tuple[dict[str, list[Any]], list[Skip]]:
     """Decode items ``start:stop``; bad ones become :class:`Skip` entries instead of exceptions."""
-    rows: dict[str, list[Any]] = {"id": [], "audio": [], "text": [], "duration": []}
+    rows: dict[str, list[Any]] = {"id": [], "flac": [], "scale": [], "text": [], "duration": []}
     skips: list[Skip] = []
     for index in range(start, stop):
         item_id, audio, text = source.get(index)
@@ -97,7 +101,9 @@ def process_chunk(
             skips.append(Skip(split, item_id, f"longer than {max_duration_s:g} s ({duration:.1f} s)", "filtered"))
             continue
         rows["id"].append(item_id)
-        rows["audio"].append(samples)
+        flac, scale = pcm.encode(samples)
+        rows["flac"].append(flac)
+        rows["scale"].append(scale)
         rows["text"].append(str(text).strip())
         rows["duration"].append(duration)
     return rows, skips
@@ -184,4 +190,6 @@ def prepare_split(
         dataset = datasets.Dataset.from_dict({name: [] for name in features()}, features=features())
     else:
         dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    return PreparedSplit(dataset, skips, chunks_built=len(missing), chunks_reused=len(targets) - len(missing))
+    size = sum(f.stat().st_size for target in targets for f in target.rglob("*") if f.is_file())
+    return PreparedSplit(dataset, skips, chunks_built=len(missing), chunks_reused=len(targets) - len(missing),
+                         bytes_on_disk=size)

@@ -102,6 +102,19 @@ def round_batches(order: np.ndarray, start: int, batch_size: int, world_size: in
     ]
 
 
+def fitted_max_new_tokens(settings: GenerationSettings, dataset: SpeechDataset) -> int:
+    """The generation limit: ``settings.max_new_tokens``, or less when the references are shorter.
+
+    A batch decodes until its last sequence ends, so one hypothesis that loops runs the whole batch
+    to the limit. The limit is therefore 1.5x the longest reference (in tokens, prompt included) plus
+    8, when that is below the configured one: every hypothesis as long as a reference still ends on
+    its own, and a loop stops early (it is an error either way).
+    """
+    if dataset.longest_reference is None:
+        return settings.max_new_tokens
+    return min(settings.max_new_tokens, math.ceil(1.5 * dataset.longest_reference) + 8)
+
+
 def generation_config_for(model: Any, *, max_new_tokens: int, num_beams: int) -> Any:
     config = copy.deepcopy(model.generation_config)
     config.max_new_tokens = max_new_tokens
@@ -128,7 +141,7 @@ class _Evaluation:
     dtype: torch.dtype
     counts: CorpusCounts = field(default_factory=CorpusCounts.zero)
     predictions: list[dict[str, str]] = field(default_factory=list)
-    filler: torch.Tensor | None = None
+    filler: Batch | None = None
     """ZeRO-3's throw-away input for a rank with no batch left in a round (built once, on demand)."""
 
     def record(self, batch: Batch, hypotheses: list[str]) -> None:
@@ -159,7 +172,8 @@ def evaluate_model(
     param = next(p for p in model.parameters() if p.is_floating_point())
     run = _Evaluation(
         model, dataset, collator, tokenizer, normalize, settings, state,
-        gen_config=generation_config_for(model, max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams),
+        gen_config=generation_config_for(model, max_new_tokens=fitted_max_new_tokens(settings, dataset),
+                                         num_beams=settings.num_beams),
         device=param.device, dtype=param.dtype,
     )
     size, backoffs = _generate_all(run)
@@ -237,19 +251,15 @@ def _generate_round(run: _Evaluation, batch: Batch | None, size: int) -> tuple[l
     ``batch`` is None for a rank with nothing left in the last round; under ZeRO-3 it still steps,
     on a throw-away batch. ``size`` is the round's eval batch size (for the error message).
     """
-    features = None
-    if batch is not None:
-        features = batch.input_features
-    elif run.settings.synced_gpus:
+    if batch is None and run.settings.synced_gpus and run.filler is None:
         # Under ZeRO-3 every generate step is a collective: a rank without a batch in this round steps
         # on a throw-away batch so that the others do not wait for it forever.
-        if run.filler is None:
-            run.filler = run.collator([run.dataset[0]]).input_features
-        features = run.filler
-    if features is None:
+        run.filler = run.collator([run.dataset[0]])
+    batch = batch if batch is not None else (run.filler if run.settings.synced_gpus else None)
+    if batch is None:
         return None, False
     try:
-        return _transcribe(run, features.to(run.device, run.dtype)), False
+        return _transcribe(run, batch.to(run.device, run.dtype).input_features), False
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise

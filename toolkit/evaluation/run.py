@@ -71,7 +71,8 @@ def run_evaluate(
     install_injector(model, state.process_index)  # test-only TOOLKIT_INJECT_OOM
     tokenizer = loaded.processor.tokenizer
     split = load_split("eval", data_cfg, tokenizer, source)  # drops references too long to decode
-    collator = WhisperCollator(loaded.processor.feature_extractor, model.config.decoder_start_token_id)
+    collator = WhisperCollator(loaded.processor.feature_extractor, model.config.decoder_start_token_id,
+                               data_cfg.features_on)
     settings = GenerationSettings.from_config(
         eval_cfg, num_workers=data_cfg.num_workers, collect_predictions=predictions_path is not None
     )

@@ -128,3 +128,22 @@ def advice_for_run(config: Any, model_config: Any, world: int, label_tokens: int
     mode = current_mode(training.method, config.model.quantization, training.optimizer, LaunchInfo.from_env())
     return advice_at_micro_batch_one(model_config, mode, world, label_tokens, training.gradient_checkpointing,
                                      device_memory(device))
+
+
+def checkpointing_needed(config: Any, world: int, device: Any) -> bool:
+    """``training.gradient_checkpointing: auto``: whether the planner expects this run's mode, at its
+    largest micro-batch and the longest label, to exceed ``device``'s memory without checkpointing.
+
+    Checkpointing recomputes the forward in the backward (about a third more compute), so it is
+    turned on only when it is needed. A model the planner cannot read keeps it on (the safe side).
+    """
+    from toolkit.memory.estimate import estimate
+
+    training = config.training
+    mode = current_mode(training.method, config.model.quantization, training.optimizer, LaunchInfo.from_env())
+    try:
+        scenario = Scenario.of(config.model.name_or_path, gpus=world, micro_batch=training.micro_batch_ceiling(world),
+                               label_tokens=config.data.max_label_tokens, gradient_checkpointing=False)
+        return not estimate(mode, scenario).fits(device_memory(device))
+    except PlanError:
+        return True

@@ -4,18 +4,20 @@ The global batch is the invariant: ``global = micro x accumulation x world``. Ac
 the per-rank share are derived here and nowhere else.
 
 Sample order is a pure function of (seed, step): the data stream is the concatenation of one
-seeded permutation per epoch, and optimizer step ``s`` consumes stream positions
-``[s*G, (s+1)*G)``. Rank ``r`` takes its contiguous share of those G samples and cuts it into
+seeded permutation per epoch (with packing, of the windows packed from it), and optimizer step
+``s`` consumes stream positions ``[s*G, (s+1)*G)``. Rank ``r`` takes its contiguous share of those G samples and cuts it into
 micro-batches. So resuming at step ``s`` needs no saved dataloader state, and changing the
 micro-batch (the OOM back-off) regroups the very same samples of each step.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -82,22 +84,57 @@ class BatchPlan:
 
 
 class StepSampler:
-    """Which samples each optimizer step uses, on every rank; the batch plan is always passed in."""
+    """Which units (clips, or packed windows) each optimizer step uses, on every rank.
 
-    def __init__(self, num_samples: int, seed: int, rank: int):
+    Without a ``layout`` a unit is a clip and every epoch holds ``num_samples`` of them. With one
+    (packing), epoch ``e``'s units are ``layout(order_e)``: windows packed from that epoch's clip
+    order, so an epoch's length varies and positions are located through the epochs' running sums.
+    The batch plan is always passed in.
+    """
+
+    def __init__(self, num_samples: int, seed: int, rank: int,
+                 layout: Callable[[np.ndarray], list[tuple[int, ...]]] | None = None):
         if num_samples <= 0:
             raise ValueError("no training samples")
         self.num_samples = num_samples
         self.seed = seed
         self.rank = rank
+        self.layout = layout
+        self._ends: list[int] = []
+        """Running unit counts at the end of each epoch laid out so far (packing only)."""
 
     @lru_cache(maxsize=4)  # noqa: B019 - a handful of epochs per sampler, freed with it
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
-    def step_indices(self, step: int, plan: BatchPlan) -> np.ndarray:
-        """All ``global_batch_size`` sample indices of ``step``, in rank order."""
+    @lru_cache(maxsize=4)  # noqa: B019
+    def _epoch_units(self, epoch: int) -> list[tuple[int, ...]]:
+        assert self.layout is not None
+        return self.layout(self._epoch_order(epoch))
+
+    def _epoch_end(self, epoch: int) -> int:
+        while len(self._ends) <= epoch:
+            start = self._ends[-1] if self._ends else 0
+            self._ends.append(start + len(self._epoch_units(len(self._ends))))
+        return self._ends[epoch]
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        """(epoch, offset within it) of a stream position, for a packed stream."""
+        while not self._ends or self._ends[-1] <= position:
+            self._epoch_end(len(self._ends))
+        epoch = bisect.bisect_right(self._ends, position)
+        return epoch, position - (self._ends[epoch - 1] if epoch else 0)
+
+    def step_indices(self, step: int, plan: BatchPlan) -> Any:
+        """All ``global_batch_size`` units of ``step``, in rank order: an int array of clip rows, or
+        (packing) a list of windows."""
         g = plan.global_batch_size
+        if self.layout is not None:
+            units = []
+            for position in range(step * g, (step + 1) * g):
+                epoch, offset = self._locate(position)
+                units.append(self._epoch_units(epoch)[offset])
+            return units
         positions = np.arange(step * g, (step + 1) * g)
         epochs, offsets = np.divmod(positions, self.num_samples)
         out = np.empty(g, dtype=np.int64)
@@ -106,23 +143,29 @@ class StepSampler:
             out[mask] = self._epoch_order(int(epoch))[offsets[mask]]
         return out
 
-    def rank_indices(self, step: int, plan: BatchPlan) -> np.ndarray:
+    def rank_indices(self, step: int, plan: BatchPlan) -> Any:
         share = plan.per_rank
         return self.step_indices(step, plan)[self.rank * share : (self.rank + 1) * share]
 
-    def micro_batches(self, step: int, plan: BatchPlan, offset: int = 0) -> list[list[int]]:
-        """This rank's micro-batches of ``step`` from its ``offset``-th sample on.
+    def micro_batches(self, step: int, plan: BatchPlan, offset: int = 0) -> list[list[Any]]:
+        """This rank's micro-batches of ``step`` from its ``offset``-th unit on.
 
-        A step continued after a back-off starts at the samples already done, which need not be a
+        A step continued after a back-off starts at the units already done, which need not be a
         multiple of the new micro-batch (20 per rank: micro-batch 5 -> 2); its last micro-batch
         may then be smaller than the others.
         """
-        mine = self.rank_indices(step, plan).tolist()[offset:]
+        mine = list(self.rank_indices(step, plan))[offset:]
+        if self.layout is None:
+            mine = [int(i) for i in mine]
         m = plan.micro_batch_size
         return [mine[i : i + m] for i in range(0, len(mine), m)]
 
     def epoch_of(self, step: int, plan: BatchPlan) -> float:
-        return step * plan.global_batch_size / self.num_samples
+        position = step * plan.global_batch_size
+        if self.layout is None:
+            return position / self.num_samples
+        epoch, offset = self._locate(position)
+        return epoch + offset / len(self._epoch_units(epoch))
 
 
 class StepBatchSampler:

@@ -51,6 +51,8 @@ def fingerprint(config: RunConfig, train: SpeechDataset) -> dict[str, Any]:
     values.update({f"model.{k}": getattr(config.model, k) for k in MODEL_KEYS})
     if config.training.method == "lora":
         values.update({f"lora.{k}": v for k, v in vars(config.lora).items()})
+    if config.data.packing:  # only when on: fingerprints of runs from before the key stay equal
+        values["data.packing"] = True
     values["data.train (content)"] = data_digest(train)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 

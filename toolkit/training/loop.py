@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from toolkit.adapters import AdapterCheckpointHooks
 from toolkit.config import ConfigError, RunConfig, dump_config
 from toolkit.data.collator import WhisperCollator
-from toolkit.data.loader import build_loader
+from toolkit.data.loader import TimedBatches, build_loader
+from toolkit.data.packing import Packer
 from toolkit.data.pipeline import LoadedSplit, load_split, open_split
 from toolkit.data.sources import Source
 from toolkit.distributed import (
@@ -40,7 +41,8 @@ from toolkit.distributed import (
 )
 from toolkit.evaluation.generate import GenerationSettings, evaluate_model
 from toolkit.evaluation.normalize import make_normalizer
-from toolkit.memory.advice import advice_for_run
+from toolkit.flops import training_flops
+from toolkit.memory.advice import advice_for_run, checkpointing_needed
 from toolkit.modeling import LoadedModel, load_model, trainable_parameters
 from toolkit.oom import Backoff, OutOfMemoryAtMicroBatchOne, free_memory, install_injector
 from toolkit.output import append_skipped, export_model, push_to_hub, write_json, write_skipped
@@ -50,7 +52,7 @@ from toolkit.training.checkpoint import CheckpointManager, SavedState, TrainStat
 from toolkit.training.fingerprint import check_resume, fingerprint
 from toolkit.training.lock import OutputLock
 from toolkit.training.manifest import verify
-from toolkit.training.metrics import MetricsLogger, StepStats, Window, peak_memory_gib
+from toolkit.training.metrics import MetricsLogger, StepStats, Window, peak_memory_gib, run_peak_flops
 from toolkit.training.optim import build_optimizer, build_scheduler
 from toolkit.training.probe import run_probe
 from toolkit.training.signals import Preempted, StopSignal
@@ -75,7 +77,6 @@ def make_accelerator(config: RunConfig) -> Accelerator:
 class RunData:
     train: LoadedSplit
     eval: LoadedSplit | None
-    label_lengths: np.ndarray
 
 
 class TrainingRun:
@@ -94,6 +95,12 @@ class TrainingRun:
         self.lock = OutputLock(self.out)
         """Steps in a row whose update was skipped for a non-finite loss or gradient norm."""
 
+    def close(self) -> None:
+        """Stop the train loader's workers and release ``output.dir``: also after an error, where a
+        live worker would otherwise hold the interpreter's exit (it ignores the stop signals)."""
+        self.batches = None
+        self.lock.release()
+
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self) -> None:
         """Accelerator, model, data, batch plan, optimizer and the backend's step object.
@@ -108,6 +115,9 @@ class TrainingRun:
         set_seed(config.training.seed)
         # Listing the data checks every spec and manifest: a bad one fails before the model loads.
         sources = {role: open_split(role, config.data) for role in ("train", "eval") if getattr(config.data, role)}
+        if config.training.gradient_checkpointing == "auto":
+            config.training.gradient_checkpointing = checkpointing_needed(config, acc.num_processes, acc.device)
+            logger.info("gradient checkpointing: %s (auto)", "on" if config.training.gradient_checkpointing else "off")
         with zero.full_weights_at_load(acc):
             self.loaded: LoadedModel = load_model(config.model, config.training, lora_cfg=config.lora, device=acc.device)
         self.data = self._load_data(sources)
@@ -117,7 +127,8 @@ class TrainingRun:
         self.saved: SavedState | None = self.checkpoints.latest_saved()
         self._check_recipe()
         self.plan = self._initial_plan()
-        self.collator = WhisperCollator(self.loaded.processor.feature_extractor, self.loaded.model.config.decoder_start_token_id)
+        self.collator = WhisperCollator(self.loaded.processor.feature_extractor,
+                                        self.loaded.model.config.decoder_start_token_id, config.data.features_on)
         self.normalize = make_normalizer(self.loaded.english, self.loaded.processor.tokenizer)
         model = self.loaded.model
         optimizer = build_optimizer(model, config.training, acc.device)
@@ -134,7 +145,11 @@ class TrainingRun:
         self.step: TrainStep = step_class(acc).prepare(parts, config.training, self.plan)
         if config.training.method == "lora":
             AdapterCheckpointHooks(acc).register()
-        self.sampler = StepSampler(len(self.data.train.dataset), config.training.seed, acc.process_index)
+        train = self.data.train.dataset
+        layout = partial(train.packer.layout, durations=train.durations) if train.packer else None
+        self.sampler = StepSampler(len(train), config.training.seed, acc.process_index, layout)
+        self.peak_flops = run_peak_flops(acc.device, config.training.mixed_precision, acc.num_processes)
+        """The run's peak FLOP/s for MFU (None where the device is not in the table); the bench may set it."""
 
     def _lock_output_dir(self) -> None:
         """Rank 0 takes ``output.dir``'s lock for the whole run; every rank learns whether it could."""
@@ -161,7 +176,9 @@ class TrainingRun:
 
     def _load_data(self, sources: dict[str, Source]) -> RunData:
         tokenizer = self.loaded.processor.tokenizer
+        tick = time.perf_counter()
         train = load_split("train", self.config.data, tokenizer, sources["train"])
+        self.train_data_seconds = time.perf_counter() - tick
         # The eval split is scored on text; the tokenizer only filters references too long to decode.
         evaluation = load_split("eval", self.config.data, tokenizer, sources["eval"]) if "eval" in sources else None
         if self.accelerator.is_main_process:
@@ -169,7 +186,9 @@ class TrainingRun:
             count = write_skipped(self.out / "skipped.jsonl", skips)
             if count:
                 logger.info("%d samples left out; see %s", count, self.out / "skipped.jsonl")
-        return RunData(train, evaluation, train.dataset.label_lengths())
+        if self.config.data.packing:
+            train.dataset.packer = Packer.build(train.dataset, tokenizer, self.config.data.max_label_tokens)
+        return RunData(train, evaluation)
 
     def _initial_plan(self) -> BatchPlan:
         cfg = self.config.training
@@ -218,8 +237,10 @@ class TrainingRun:
         contributes exactly once.
         """
         tick = time.perf_counter()
+        waited = self.batches.waited
+        dataset = self.data.train.dataset
         indices = self.sampler.step_indices(step, self.plan)
-        step_tokens = int(self.data.label_lengths[indices].sum())
+        step_tokens = dataset.unit_tokens(indices)
         scale = self.accelerator.num_processes / step_tokens
         progress = StepProgress.start(self.accelerator.device)
         while failed_ranks := self.step.accumulate(self.batches, self.plan, scale, progress):
@@ -227,22 +248,23 @@ class TrainingRun:
             free_memory()  # out of the except block: what the failed attempt held goes back
             self.back_off(step, failed_ranks)
             self.batches = None  # its workers stop before the new loader's start
-            self.batches = iter(self.train_loader(step, skip_samples=progress.samples))
+            self.batches = TimedBatches(self.train_loader(step, skip_samples=progress.samples))
         self.backoff_seconds += progress.lost_seconds
         update = self.step.finish(progress)
         if update.skipped is not None:
             self._skip_step(step, indices, update.skipped)
         else:
             self.nonfinite_streak = 0
-        self.lock = OutputLock(self.out)
-        audio = float(self.data.train.dataset.durations[indices].sum())
-        return StepStats(progress.loss_sum, step_tokens, len(indices), audio, time.perf_counter() - tick,
-                         update.grad_norm, applied=update.skipped is None)
+        lengths = [dataset.unit_tokens([unit]) for unit in indices]
+        flops = training_flops(self.loaded.model.config, lengths, self.config.training.gradient_checkpointing)
+        return StepStats(progress.loss_sum, step_tokens, len(dataset.unit_clips(indices)), dataset.unit_seconds(indices),
+                         time.perf_counter() - tick, update.grad_norm, applied=update.skipped is None,
+                         windows=len(indices), flops=flops, loader_seconds=self.batches.waited - waited)
 
     def _skip_step(self, step: int, indices: np.ndarray, reason: str) -> None:
         """Record a step whose update was skipped (its samples go to ``skipped.jsonl``); stop after too many."""
         self.nonfinite_streak += 1
-        ids = [self.data.train.dataset[int(i)].id for i in indices]
+        ids = self.data.train.dataset.clip_ids(indices)
         record = {"step": step, "reason": reason, "ids": ids}
         self.state.nonfinite_steps.append(record)
         logger.warning("step %d: %s on some rank; update skipped (%d in a row); samples: %s",
@@ -297,7 +319,9 @@ class TrainingRun:
 
     def _worst_label_tokens(self) -> int:
         """The longest label of the training data, within what the decoder takes."""
-        return min(int(self.data.label_lengths.max()), self.loaded.model.config.max_target_positions)
+        dataset = self.data.train.dataset
+        longest = self.config.data.max_label_tokens - 1 if dataset.packer else int(dataset.label_lengths().max())
+        return min(longest, self.loaded.model.config.max_target_positions)
 
     def probe(self) -> None:
         """Find the largest micro-batch that fits a worst-case batch before the first step (:mod:`.probe`)."""
@@ -353,10 +377,10 @@ class TrainingRun:
             logger.info("baseline eval: %s", self.baseline)
 
         start_step = self.state.step
-        window, totals = Window(), Window()
+        window, totals = Window(self.peak_flops), Window(self.peak_flops)
         last_eval: dict[str, Any] | None = None
         progress = tqdm(total=cfg.max_steps, initial=start_step, disable=not acc.is_main_process, desc="train")
-        self.batches = iter(self.train_loader(start_step))
+        self.batches = TimedBatches(self.train_loader(start_step))
         self.step.model.train()
         with StopSignal() as stop:
             for step in range(start_step, cfg.max_steps):
@@ -379,7 +403,7 @@ class TrainingRun:
                     self.batches = None
                     last_eval = self.evaluate()
                     if not done:
-                        self.batches = iter(self.train_loader(self.state.step))
+                        self.batches = TimedBatches(self.train_loader(self.state.step))
                     is_best = self.state.record_eval(self.state.step, last_eval)
                     metrics.log(self.state.step, {f"eval/{k}": v for k, v in last_eval.items()})
                     logger.info("step %d eval: %s", self.state.step, last_eval)
@@ -439,6 +463,10 @@ class TrainingRun:
             "eval_backoffs": self.state.eval_backoffs,
             "probe": self.probe_summary,
             "train_samples": len(self.data.train.dataset),
+            "packing": self.config.data.packing,
+            "train_clips": totals.samples,
+            "train_windows": totals.windows,
+            "train_audio_hours": round(totals.audio / 3600, 4),
             **totals.rates(),
             "train_runtime_s": round(totals.seconds, 2),
             "skipped": len(self.data.train.skips) + (len(self.data.eval.skips) if self.data.eval else 0),
@@ -465,4 +493,4 @@ def train(config: RunConfig) -> dict[str, Any]:
         run.setup()
         return run.run()
     finally:
-        run.lock.release()
+        run.close()

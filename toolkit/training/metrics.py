@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from toolkit.flops import peak_flops
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,23 +28,38 @@ class StepStats:
     loss_sum: torch.Tensor
     tokens: int
     samples: int
+    """Clips (with packing, all the clips in the step's windows)."""
     audio_seconds: float
     seconds: float
     grad_norm: float | None = None
     applied: bool = True
     """False when the update was skipped (non-finite loss or gradient norm): its loss is left out."""
+    windows: int = 0
+    """30 s encoder windows (the global batch); equal to ``samples`` without packing."""
+    flops: float = 0.0
+    """Model FLOPs of the step, over all ranks (:func:`toolkit.flops.training_flops`)."""
+    loader_seconds: float = 0.0
+    """Time this rank waited for the DataLoader during the step."""
+
+
+RATE_KEYS = (
+    "train_samples_per_second", "train_windows_per_second", "train_audio_hours_per_hour",
+    "train_tokens_per_second", "train_mfu", "train_loader_wait_fraction",
+)
 
 
 class Window:
     """Sums of :class:`StepStats` over a span of steps (between two log lines, or the whole run)."""
 
-    def __init__(self) -> None:
+    def __init__(self, peak_flops: float | None = None) -> None:
+        self.peak_flops = peak_flops
+        """The whole run's peak FLOP/s (per device x devices), for MFU; None where unknown."""
         self.reset()
 
     def reset(self) -> None:
         self.losses: list[torch.Tensor] = []
-        self.tokens = self.samples = 0
-        self.audio = self.seconds = 0.0
+        self.tokens = self.samples = self.windows = 0
+        self.audio = self.seconds = self.flops = self.loader_seconds = 0.0
         self.grad_norm: float | None = None
 
     def add(self, stats: StepStats) -> None:
@@ -50,17 +67,27 @@ class Window:
             self.losses.append(stats.loss_sum)
             self.tokens += stats.tokens
         self.samples += stats.samples
+        self.windows += stats.windows
         self.audio += stats.audio_seconds
         self.seconds += stats.seconds
+        self.flops += stats.flops
+        self.loader_seconds += stats.loader_seconds
         if stats.applied:  # a skipped step's norm may be NaN, which JSON cannot hold
             self.grad_norm = stats.grad_norm
 
     def rates(self) -> dict[str, float | None]:
+        """Throughput over the window, keyed as in ``results.json`` (``train_`` prefix)."""
         if not self.seconds:
-            return {"train_samples_per_second": None, "train_audio_seconds_per_second": None}
+            return dict.fromkeys(RATE_KEYS)
+        mfu = self.flops / self.seconds / self.peak_flops if self.peak_flops else None
         return {
             "train_samples_per_second": round(self.samples / self.seconds, 4),
-            "train_audio_seconds_per_second": round(self.audio / self.seconds, 3),
+            "train_windows_per_second": round(self.windows / self.seconds, 4),
+            # audio seconds per wall second: the same ratio as audio hours per hour
+            "train_audio_hours_per_hour": round(self.audio / self.seconds, 3),
+            "train_tokens_per_second": round(self.tokens / self.seconds, 2),
+            "train_mfu": round(mfu, 5) if mfu is not None else None,
+            "train_loader_wait_fraction": round(self.loader_seconds / self.seconds, 4),
         }
 
     def flush(self, accelerator: Accelerator) -> dict[str, Any]:
@@ -70,12 +97,8 @@ class Window:
         """
         summed = torch.stack(self.losses).sum() if self.losses else torch.zeros((), device=accelerator.device)
         total = float(accelerator.reduce(summed, reduction="sum"))
-        rates = self.rates()
-        values: dict[str, Any] = {
-            "loss": total / self.tokens if self.tokens else None,
-            "samples_per_second": rates["train_samples_per_second"],
-            "audio_seconds_per_second": rates["train_audio_seconds_per_second"],
-        }
+        values: dict[str, Any] = {"loss": total / self.tokens if self.tokens else None}
+        values.update({key.removeprefix("train_"): value for key, value in self.rates().items()})
         if self.grad_norm is not None:
             values["grad_norm"] = round(self.grad_norm, 5)
         self.reset()
@@ -157,3 +180,15 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def run_peak_flops(device: torch.device, mixed_precision: str, world_size: int) -> float | None:
+    """Peak FLOP/s of ``world_size`` devices like ``device`` at the run's precision; None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    if mixed_precision == "no":
+        dtype = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "float32"
+    else:
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}[mixed_precision]
+    peak = peak_flops(torch.cuda.get_device_name(device), dtype)
+    return peak * world_size if peak else None

@@ -1,0 +1,127 @@
+"""Utterance packing: several clips, with short silent gaps, in one 30 s window and one label.
+
+Whisper's encoder always runs on a 30 s window (1,500 positions, most of the model's FLOPs), so a
+3.8 s clip pays for 30 s of compute. Packing lays the clips of an epoch, in that epoch's seeded
+random order, one after another into windows (:func:`pack`): a window is closed when the next clip
+would take it past ``max_seconds`` of audio or its label past ``max_label_tokens``. The layout is a
+pure function of (seed, epoch), so the step-addressed sampler (:mod:`toolkit.training.batching`)
+keeps its guarantees: exact resume with no saved loader state, and the same windows per step on 1
+or N processes. The global batch then counts windows.
+
+A window's label is the prompt of a single clip followed by every clip's transcript in order,
+separated by a space, then end-of-text. The clips' exact spans are kept as
+:class:`~toolkit.data.dataset.Segment` s, so a label with segment timestamps can be built from the
+same window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from toolkit.data.audio import SAMPLING_RATE
+from toolkit.data.dataset import Example, Segment, SpeechDataset
+
+WINDOW_SECONDS = 30.0
+GAP_SECONDS = 0.3
+"""Silence between two packed clips: about a pause between sentences."""
+
+
+def pack(order: np.ndarray, durations: np.ndarray, tokens: np.ndarray, max_seconds: float,
+         max_tokens: int, gap: float = GAP_SECONDS) -> list[tuple[int, ...]]:
+    """Greedy packing of ``order`` (row numbers) into windows, in that order.
+
+    ``tokens[i]`` is what clip ``i`` adds to a label; ``max_tokens`` what a window's label may hold
+    besides the prompt and end-of-text. A clip is never split, and one alone always fits (longer
+    clips and labels were filtered out when the data loaded).
+    """
+    windows: list[tuple[int, ...]] = []
+    current: list[int] = []
+    seconds = 0.0
+    used = 0
+    for row in order.tolist():
+        need = float(durations[row]) + (gap if current else 0.0)
+        if current and (seconds + need > max_seconds or used + int(tokens[row]) > max_tokens):
+            windows.append(tuple(current))
+            current, seconds, used, need = [], 0.0, 0, float(durations[row])
+        current.append(row)
+        seconds += need
+        used += int(tokens[row])
+    if current:
+        windows.append(tuple(current))
+    return windows
+
+
+@dataclass
+class Packer:
+    """What building packed windows needs: each clip's text tokens, and the label's fixed parts."""
+
+    prompt: list[int]
+    """The tokens before the text: start of transcript, language, task, no-timestamps."""
+    eot: int
+    first: list[list[int]]
+    """Each clip's text tokens when it opens a window (as its single-clip label has them)."""
+    spaced: list[list[int]]
+    """Each clip's text tokens after another clip's (with the separating space)."""
+    max_label_tokens: int
+    max_seconds: float = WINDOW_SECONDS
+    gap: float = GAP_SECONDS
+
+    @classmethod
+    def build(cls, dataset: SpeechDataset, tokenizer: Any, max_label_tokens: int) -> Packer:
+        if dataset.labels is None:
+            raise ValueError("packing needs a dataset with labels")
+        prompt = list(tokenizer.prefix_tokens)
+        eot = int(tokenizer.eos_token_id)
+        first = [labels[len(prompt):-1] for labels in dataset.labels]
+        texts = [str(t) for t in dataset.table.data.column("text").to_pylist()]
+        spaced = tokenizer([" " + texts[int(row)].lstrip() for row in dataset.rows], add_special_tokens=False).input_ids
+        return cls(prompt, eot, first, [list(s) for s in spaced], max_label_tokens)
+
+    def text_budget(self) -> int:
+        return self.max_label_tokens - len(self.prompt) - 1
+
+    def layout(self, order: np.ndarray, durations: np.ndarray) -> list[tuple[int, ...]]:
+        """The windows of one epoch, given its clip order (a seeded permutation)."""
+        # The larger of a clip's two forms: whichever it takes in the window, the label fits.
+        tokens = np.asarray([max(len(f), len(s)) for f, s in zip(self.first, self.spaced, strict=True)], dtype=np.int64)
+        return pack(order, durations, tokens, self.max_seconds, self.text_budget(), self.gap)
+
+    def window_labels(self, unit: tuple[int, ...]) -> list[int]:
+        text = list(self.first[unit[0]])
+        for row in unit[1:]:
+            text += self.spaced[row]
+        return [*self.prompt, *text, self.eot]
+
+    def window_tokens(self, unit: tuple[int, ...]) -> int:
+        """Tokens the window's label contributes to the loss (its start token is not predicted)."""
+        return len(self.window_labels(unit)) - 1
+
+    def window(self, dataset: SpeechDataset, unit: tuple[int, ...]) -> Example:
+        """The packed window ``unit``: the clips' audio with silent gaps, one label, each clip's span."""
+        clips = [dataset.clip(i) for i in unit]
+        scale = max(c.scale for c in clips)
+        gap = np.zeros(round(self.gap * SAMPLING_RATE), dtype=np.int16)
+        parts: list[np.ndarray] = []
+        segments: list[Segment] = []
+        position = 0
+        for clip in clips:
+            if parts:
+                parts.append(gap)
+                position += len(gap)
+            pcm = clip.pcm if clip.scale == scale else _rescale(clip.pcm, clip.scale / scale)
+            parts.append(pcm)
+            segments.append(Segment(position / SAMPLING_RATE, (position + len(pcm)) / SAMPLING_RATE, clip.text))
+            position += len(pcm)
+        return Example(
+            id="+".join(c.id for c in clips), pcm=np.concatenate(parts), scale=scale,
+            text=" ".join(c.text for c in clips), labels=self.window_labels(unit), segments=segments,
+        )
+
+
+def _rescale(pcm: np.ndarray, factor: float) -> np.ndarray:
+    return np.round(pcm.astype(np.float32) * factor).astype(np.int16)
+
+
