@@ -285,3 +285,12 @@ def test_bad_launcher_settings_are_config_errors(tmp_path: Path) -> None:
         LaunchInfo.from_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(broken)})
     with pytest.raises(ConfigError, match=r"WORLD_SIZE='two' \(set by the launcher\) must be a positive integer"):
         LaunchInfo.from_env({"WORLD_SIZE": "two"})
+
+
+def test_an_unquoted_no_is_the_string_for_keys_that_take_it(tmp_path: Path) -> None:
+    # YAML 1.1 reads `no` as false: `training.mixed_precision=no` must still mean "no".
+    base = ["model.name_or_path=m", "data.train=d", f"output.dir={tmp_path}", "training.max_steps=1"]
+    config = load_config(None, [*base, "training.mixed_precision=no"])
+    assert config.training.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="true or false or 'auto'"):
+        load_config(None, [*base, "training.gradient_checkpointing=maybe"])

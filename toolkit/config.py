@@ -195,10 +195,6 @@ class TrainingConfig:
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     """Recompute activations in the backward pass to save memory (about a third more compute).
     ``auto``: only when the memory planner expects the largest micro-batch not to fit without it."""
-    overlap_grad_sync: bool = True
-    """DDP: all-reduce the gradients during the step's last backward (overlapped with it), after the
-    ranks agreed that its forward fit. An out-of-memory error in that one backward then ends the run
-    (exit 4, with the micro-batch to set) instead of backing off; false averages after every backward."""
     seed: int = 42
     """Seed for initialisation, data order and dropout, in [0, 2**32) (what numpy accepts)."""
     log_every: int = 10

@@ -175,3 +175,14 @@ def test_two_processes_back_off_together(tiny_model: Path, corpus: Path, tmp_pat
     # Each utterance once, none from a dropped round (a tiny random model's WER alone says little).
     rows = (tmp_path / "two.jsonl").read_text().splitlines()
     assert len(rows) == 32 and rows == (tmp_path / "one.jsonl").read_text().splitlines()
+
+
+def test_generation_stops_at_one_and_a_half_times_the_longest_reference() -> None:
+    from types import SimpleNamespace
+
+    from toolkit.evaluation.generate import GenerationSettings, fitted_max_new_tokens
+
+    settings = GenerationSettings(max_new_tokens=225)
+    assert fitted_max_new_tokens(settings, SimpleNamespace(longest_reference=20)) == 38  # 1.5 x 20 + 8
+    assert fitted_max_new_tokens(settings, SimpleNamespace(longest_reference=300)) == 225  # the ceiling
+    assert fitted_max_new_tokens(settings, SimpleNamespace(longest_reference=None)) == 225  # unknown

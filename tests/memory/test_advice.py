@@ -34,3 +34,21 @@ def test_advice_at_micro_batch_one_names_the_modes_that_fit() -> None:
     assert "full (" not in advice
     nothing = advice_at_micro_batch_one(large, "full", 1, 448, False, 2**30)
     assert "gradient_checkpointing" in nothing and "no mode" in nothing
+
+
+def test_gradient_checkpointing_auto_follows_the_planner(tmp_path, monkeypatch) -> None:
+    """``auto`` turns checkpointing on only where the planner expects the run not to fit without it."""
+    import torch
+
+    from toolkit.config import RunConfig
+    from toolkit.memory import advice
+
+    config = RunConfig()
+    config.model.name_or_path = "openai/whisper-small"  # a known size: no download needed
+    config.training.global_batch_size = 16  # about 24 GiB without checkpointing at 448 label tokens, 10 with
+    monkeypatch.setattr(advice, "device_memory", lambda device: 80 * GIB)
+    assert advice.checkpointing_needed(config, 1, torch.device("cpu")) is False
+    monkeypatch.setattr(advice, "device_memory", lambda device: 16 * GIB)
+    assert advice.checkpointing_needed(config, 1, torch.device("cpu")) is True
+    config.model.name_or_path = str(tmp_path / "not-a-model")  # unreadable: the safe side
+    assert advice.checkpointing_needed(config, 1, torch.device("cpu")) is True

@@ -247,22 +247,3 @@ def test_the_backoff_benchmark_compares_with_a_run_started_at_the_size_found(
     assert report["backed_off"]["micro_batch_size"] == 2 and len(report["backed_off"]["backoffs"]) == 2
     assert report["direct"]["start"] == "2" and report["direct"]["backoffs"] == []
     assert report["seconds_lost_to_backoff_and_probe"] > 0 and report["throughput_ratio"] > 0
-
-
-@pytest.mark.slow
-def test_overlapped_gradient_sync_trains_the_same_and_still_backs_off_in_the_last_forward(
-    no_dropout: Path, corpus: Path, reference: Path, tmp_path: Path
-) -> None:
-    overlap = tmp_path / "overlap"
-    result = launch(args_for(no_dropout, corpus, overlap, "training.micro_batch_size=2", "training.overlap_grad_sync=true"),
-                    processes=2, timeout=TIMEOUT_S)
-    assert result.returncode == 0
-    assert_same_training(overlap, reference)
-    # Per rank 8 = 2 micro-batches of 4; rank 1's second forward (the step's last, whose backward
-    # would sync) runs out of memory: the ranks agree before that backward, and back off.
-    out = tmp_path / "oom"
-    result = launch(args_for(no_dropout, corpus, out, "training.micro_batch_size=4", "training.overlap_grad_sync=true"),
-                    processes=2, env={oom.INJECT_ENV: "1:2:1"}, timeout=TIMEOUT_S)
-    assert result.returncode == 0
-    assert results(out)["backoffs"] == [{"step": 0, "from": 4, "to": 2}]
-    assert_same_training(out, reference)

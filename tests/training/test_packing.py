@@ -35,9 +35,10 @@ def test_packed_runs_match_on_one_and_two_processes_and_count_clips(
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     results = json.loads((two / "results.json").read_text())
     assert results["packing"] is True and results["train_windows"] == 12  # 6 steps x 2 windows
-    # 32 one-second clips pack into windows of up to 23 (30 s with 0.3 s gaps): more clips than windows.
+    # 32 short clips pack into windows of many each: more clips than windows, and speech (gaps
+    # not counted) of at most 30 s per window.
     assert results["train_clips"] > results["train_windows"]
-    assert results["train_audio_hours"] == pytest.approx(results["train_clips"] / 3600, rel=0.05)
+    assert 0 < results["train_audio_hours"] * 3600 <= 30 * results["train_windows"]
     line = next(json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines() if '"loss"' in x)
     assert line["samples_per_second"] > line["windows_per_second"] > 0
 

@@ -237,79 +237,34 @@ class TrainStep(ABC):
 class DDPStep(TrainStep):
     """DDP, or a single process. Retry rule: **the step is redone** from its start.
 
-    DDP all-reduces inside a synced backward, where a rank that runs out of memory would leave the
-    others waiting in the collective. So every micro-batch but the step's last runs under ``no_sync``;
-    the last one's forward runs synced, then the ranks agree on out-of-memory (one small all-reduce),
-    and only then does its backward run, with DDP's bucketed all-reduce overlapping it
-    (``training.overlap_grad_sync``; off, every backward is unsynced and the gradients are averaged
-    after the agreement by :func:`~toolkit.distributed.average_gradients`).
-
-    Where a back-off is possible: an out-of-memory error in any forward, and in the backward of any
-    micro-batch but the step's last. One in the last backward, with overlap on, ends the run with the
-    micro-batch to set (exit 4); the probe has run that very size on a worst-case batch before. A
-    rank that fails skips its remaining micro-batches. After a failure the gradients are zeroed and
-    the generators restored, so the redone step draws the same dropout masks as a run started at the
-    smaller micro-batch.
+    DDP would all-reduce inside the last backward, where a rank that runs out of memory would leave
+    the others waiting in the collective; so every backward runs under ``no_sync``, the ranks agree
+    on out-of-memory once all micro-batches are through, and only then are the gradients averaged
+    (:func:`~toolkit.distributed.average_gradients`). A rank that fails skips its remaining
+    micro-batches. After a failure the gradients are zeroed and the generators restored, so the
+    redone step draws the same dropout masks as a run started at the smaller micro-batch.
     """
-
-    overlap = False
-    """Whether the step's last backward runs synced (see the class docstring); on only with several ranks."""
-    synced = False
-    """Whether DDP has averaged this step's gradients already (in the last backward)."""
 
     @classmethod
     def prepare(cls, parts: StepParts, cfg: TrainingConfig, plan: BatchPlan) -> DDPStep:
         parts.model, parts.optimizer = parts.accelerator.prepare(parts.model, parts.optimizer)
-        step = cls(parts)
-        step.overlap = cfg.overlap_grad_sync and parts.accelerator.num_processes > 1
-        return step
+        return cls(parts)
 
     def accumulate(self, batches: Iterator[Batch], plan: BatchPlan, scale: float, progress: StepProgress) -> list[int]:
         tick = time.perf_counter()
         failed = False
-        pending: tuple[torch.Tensor, int] | None = None
         while progress.samples < plan.per_rank:
             batch = self.batch_on_device(next(batches))
-            if self.overlap and progress.samples + len(batch.ids) >= plan.per_rank:
-                summed = self._forward(batch)
-                failed = summed is None
-                pending = (summed, len(batch.ids)) if summed is not None else None
-                break
             summed = self._unsynced_forward_backward(batch, scale)
             if summed is None:
                 failed = True
                 break
             progress.loss_sum += summed
             progress.samples += len(batch.ids)
-        # Every rank agrees exactly once per attempt, before any synced backward starts.
         ranks = oom_ranks(failed, self.device)
         if ranks:
             progress.lost_seconds += time.perf_counter() - tick
-            return ranks
-        if pending is not None:
-            self._synced_backward(pending[0], scale, plan)
-            progress.loss_sum += pending[0].detach()
-            progress.samples += pending[1]
-        return []
-
-    def _forward(self, batch: Batch) -> torch.Tensor | None:
-        """Summed loss of a micro-batch whose backward will sync; None on OOM."""
-        try:
-            return self.micro_loss(batch)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            return None
-
-    def _synced_backward(self, summed: torch.Tensor, scale: float, plan: BatchPlan) -> None:
-        try:
-            self.accelerator.backward(summed * scale)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            raise self._unrecoverable(plan, "backward of the step's last micro-batch",
-                                      "DDP's all-reduce overlaps it; training.overlap_grad_sync=false makes it recoverable") from exc
-        self.synced = True
+        return ranks
 
     def recover(self, progress: StepProgress) -> None:
         progress.loss_sum.zero_()
@@ -338,9 +293,7 @@ class DDPStep(TrainStep):
         return oom_ranks(failed, self.device)
 
     def _reduce_and_clip(self) -> float | None:
-        if not self.synced:  # DDP averaged them inside the last backward otherwise
-            average_gradients(self.parts.model.parameters())
-        self.synced = False
+        average_gradients(self.parts.model.parameters())
         if self.parts.max_grad_norm is None:
             # Not clipping, but the norm is still needed: a non-finite one skips the update.
             grads = [p.grad for p in self.parts.model.parameters() if p.grad is not None]
