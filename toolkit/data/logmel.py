@@ -1,8 +1,8 @@
 """Whisper's log-mel features computed where the model runs, from 16-bit audio.
 
-Workers then only decode FLAC and pad integers: the STFT (about 20 ms of one CPU core per clip with
-the feature extractor) moves to the accelerator, where a batch of them costs well under a
-millisecond, and a fast GPU no longer needs 6-8 loader workers to stay fed. The arithmetic is the
+Workers then only decode FLAC and pad integers: the STFT (15-20 ms of one CPU core per clip)
+moves to the accelerator, and a fast GPU no longer needs 6-8 loader workers to stay fed (on an
+H100, whisper-small at about 200 clips/s waited 1.6% of its step time for data with 6 workers). The arithmetic is the
 feature extractor's own (:meth:`transformers.WhisperFeatureExtractor._torch_extract_fbank_features`):
 zero-pad to 30 s, a 400-point Hann STFT with hop 160, power, the extractor's mel filters, log10
 clamped at 1e-10, a floor 8 below each window's maximum, then ``(x + 4) / 4``.
