@@ -1,5 +1,5 @@
 """The benchmark scripts run: the course-recipe port of ``scripts/bench_seed.py`` (its toolkit side
-faked from a saved record) and ``scripts/random_whisper.py``."""
+faked from a saved record), ``scripts/random_whisper.py`` and ``scripts/bench_compile.py``."""
 
 from __future__ import annotations
 
@@ -48,3 +48,12 @@ def test_random_whisper_writes_a_loadable_model_of_the_size(tiny_model: Path, tm
     model = WhisperForConditionalGeneration.from_pretrained(out)
     assert (model.config.d_model, model.config.encoder_layers, model.config.decoder_ffn_dim) == (384, 4, 1536)
     assert (out / "tokenizer_config.json").exists() or (out / "tokenizer.json").exists()
+
+
+def test_bench_compile_times_eager_and_compiled_steps(tiny_model: Path) -> None:
+    result = subprocess.run([sys.executable, "scripts/bench_compile.py", "--model", str(tiny_model), "--batch", "1",
+                             "--tokens", "4", "--repeats", "1", "--static"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["eager_step_s"] > 0 and record["compiled_step_s"] > 0 and record["dynamic"] is False
