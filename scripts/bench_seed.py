@@ -14,8 +14,8 @@ filter), bytes on disk of the preprocessed train split (recipe: the map's Arrow 
 
 This 2-core CPU box (tiny runs only; the toolkit side defaults to two CPU processes)::
 
-    .venv/bin/python scripts/bench_seed.py --model /work/shared/models/whisper-tiny.en \\
-        --train /work/shared/data/espeak-en/train --dev /work/shared/data/espeak-en/dev \\
+    .venv/bin/python scripts/bench_seed.py --model ../shared/models/whisper-tiny.en \\
+        --train ../shared/data/espeak-en/train --dev ../shared/data/espeak-en/dev \\
         --steps 2 --global-batch 4 --max-train 32 --max-dev 16
 
 A GPU (one process per side; with several GPUs visible, set CUDA_VISIBLE_DEVICES to one)::

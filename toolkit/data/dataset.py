@@ -61,6 +61,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         self.durations = durations
         self.longest_reference: int | None = None
         """Tokens of the longest tokenised transcript (prompt and end-of-text included), when known."""
+        self._cached_lengths: np.ndarray | None = None
         self.packer: Any = None
         """A :class:`~toolkit.data.packing.Packer` when training packs clips into windows."""
 
@@ -104,7 +105,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         return [ids[int(self.rows[i])].as_py() for i in self.unit_clips(units)]
 
     def _lengths(self) -> np.ndarray:
-        if getattr(self, "_cached_lengths", None) is None:
+        if self._cached_lengths is None:
             self._cached_lengths = self.label_lengths()
         return self._cached_lengths
 

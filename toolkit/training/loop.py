@@ -240,7 +240,8 @@ class TrainingRun:
         waited = self.batches.waited
         dataset = self.data.train.dataset
         indices = self.sampler.step_indices(step, self.plan)
-        step_tokens = dataset.unit_tokens(indices)
+        lengths = [dataset.unit_tokens([unit]) for unit in indices]  # per window: the FLOP count needs them
+        step_tokens = sum(lengths)
         scale = self.accelerator.num_processes / step_tokens
         progress = StepProgress.start(self.accelerator.device)
         while failed_ranks := self.step.accumulate(self.batches, self.plan, scale, progress):
@@ -255,7 +256,6 @@ class TrainingRun:
             self._skip_step(step, indices, update.skipped)
         else:
             self.nonfinite_streak = 0
-        lengths = [dataset.unit_tokens([unit]) for unit in indices]
         flops = training_flops(self.loaded.model.config, lengths, self.config.training.gradient_checkpointing)
         return StepStats(progress.loss_sum, step_tokens, len(dataset.unit_clips(indices)), dataset.unit_seconds(indices),
                          time.perf_counter() - tick, update.grad_norm, applied=update.skipped is None,
