@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.config import ConfigError, ModelConfig, TrainingConfig
-from toolkit.modeling import ModelLoadError, load_model, trainable_parameters
+from toolkit.modeling import ModelLoadError, compile_layers, load_model, trainable_parameters
 
 
 def test_english_only_takes_no_language(tiny_model: Path) -> None:
@@ -42,6 +42,37 @@ def test_training_options(tiny_model: Path) -> None:
     assert not any(p.requires_grad for p in model.model.encoder.parameters())
     trainable, total = trainable_parameters(model)
     assert 0 < trainable < total
+
+
+def test_compiled_layers_train_like_eager_ones(tiny_model: Path) -> None:
+    """Regional compilation keeps the parameter names (checkpoints load either way) and the numbers:
+    one forward and backward, with activation checkpointing on, matches eager."""
+    import torch
+
+    training_cfg = TrainingConfig(max_steps=1, gradient_checkpointing=True)
+    eager, compiled = (load_model(ModelConfig(name_or_path=str(tiny_model)), training_cfg).model for _ in range(2))
+    keys = list(compiled.state_dict())
+    with pytest.raises(ConfigError, match="training.compile does not work with DeepSpeed ZeRO-3"):
+        compile_layers(compiled, zero_stage=3)
+    layers = compiled.config.encoder_layers + compiled.config.decoder_layers
+    assert compile_layers(compiled, zero_stage=2) == layers
+    assert list(compiled.state_dict()) == keys
+    torch.manual_seed(0)
+    batch = {"input_features": torch.randn(2, compiled.config.num_mel_bins, 3000),
+             "labels": torch.randint(0, compiled.config.vocab_size, (2, 7))}
+    losses = []
+    for model in (eager, compiled):
+        model.train()
+        for module in model.modules():  # Whisper's dropout is functional, read from these attributes
+            for name in ("dropout", "attention_dropout", "activation_dropout"):
+                if isinstance(getattr(module, name, None), float):
+                    setattr(module, name, 0.0)
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

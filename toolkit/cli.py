@@ -99,6 +99,8 @@ def _add_evaluate_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=evaluation.max_new_tokens,
                     help="generation length limit (tokens after the prompt)" + shown)
     ev.add_argument("--num-beams", type=int, default=evaluation.num_beams, help="beams; 1 is greedy decoding" + shown)
+    ev.add_argument("--static-cache", action="store_true",
+                    help="decode with a static KV cache (compiled by transformers on CUDA)")
     ev.add_argument("--max-samples", type=int, default=data.max_eval_samples,
                     help="evaluate only the first N samples (default: all)")
     ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
@@ -267,7 +269,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         audio_column=args.audio_column, max_eval_samples=args.max_samples, cache_dir=args.cache_dir,
         num_workers=args.num_workers,
     )
-    eval_cfg = EvaluationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    eval_cfg = EvaluationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                static_cache=args.static_cache)
     for section in (model_cfg, data_cfg, eval_cfg):
         section.validate()
     state = init_state()

@@ -195,6 +195,10 @@ class TrainingConfig:
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     """Recompute activations in the backward pass to save memory (about a third more compute).
     ``auto``: only when the memory planner expects the largest micro-batch not to fit without it."""
+    compile: bool = False
+    """Compile each encoder and decoder layer with ``torch.compile`` (in place, so checkpoint keys do
+    not change; each new micro-batch shape compiles once). Off by default: on the 2-core CPU machine
+    it made steps slower (see the README's speed section). Not with DeepSpeed ZeRO-3."""
     seed: int = 42
     """Seed for initialisation, data order and dropout, in [0, 2**32) (what numpy accepts)."""
     log_every: int = 10
@@ -313,6 +317,9 @@ class EvaluationConfig:
     tokens when that is less (one looping hypothesis would run its whole batch to the limit)."""
     num_beams: int = 1
     """1 is greedy decoding."""
+    static_cache: bool = False
+    """Decode with a static KV cache; on CUDA, transformers then compiles the decoding step (once per
+    eval batch shape). No gain on the CPU machine, where the encoder dominates (README, speed)."""
 
     def validate(self) -> None:
         if self.every_steps < 0:

@@ -71,3 +71,16 @@ def test_absurd_amplitude_is_skipped_and_its_features_would_be_nan(tmp_path: Pat
 def test_float_audio_slightly_over_full_scale_is_kept(tmp_path: Path) -> None:
     write_loud_clip(tmp_path / "hot.wav", 1.5)
     assert float(np.abs(decode_audio(str(tmp_path / "hot.wav"))).max()) == pytest.approx(1.5)
+
+
+def test_speech_bounds_trim_leading_and_trailing_silence() -> None:
+    from toolkit.data.audio import speech_bounds
+
+    sr = 16_000
+    rng = np.random.default_rng(0)
+    audio = np.concatenate([np.zeros(sr // 2), 0.3 * rng.standard_normal(sr), 1e-4 * rng.standard_normal(sr // 4)])
+    start, end = speech_bounds(audio.astype(np.float32))
+    assert start == pytest.approx(0.5) and end == pytest.approx(1.5)
+    assert speech_bounds(np.zeros(sr, dtype=np.float32)) is None
+    assert speech_bounds(np.zeros(0, dtype=np.float32)) is None
+    assert speech_bounds(np.ones(100, dtype=np.float32)) == (0.0, 100 / sr)  # shorter than a frame

@@ -60,9 +60,10 @@ def test_settings_from_config_take_the_recipe_and_the_run() -> None:
     from toolkit.config import EvaluationConfig
     from toolkit.evaluation.generate import GenerationSettings
 
-    settings = GenerationSettings.from_config(EvaluationConfig(batch_size=8, max_new_tokens=20, num_beams=2),
-                                              num_workers=3, synced_gpus=True)
-    assert (settings.batch_size, settings.max_new_tokens, settings.num_beams) == (8, 20, 2)
+    settings = GenerationSettings.from_config(
+        EvaluationConfig(batch_size=8, max_new_tokens=20, num_beams=2, static_cache=True), num_workers=3, synced_gpus=True
+    )
+    assert (settings.batch_size, settings.max_new_tokens, settings.num_beams, settings.static_cache) == (8, 20, 2, True)
     assert (settings.num_workers, settings.synced_gpus, settings.collect_predictions) == (3, True, False)
     assert GenerationSettings.from_config(EvaluationConfig(batch_size=8), batch_size=4).batch_size == 4
     with pytest.raises(TypeError):
@@ -114,6 +115,20 @@ def test_generation_backs_off_to_the_size_that_fits(tone_eval, caplog: pytest.Lo
     assert backed.predictions == plain.predictions  # every utterance once, none from a dropped round
     assert "generation ran out of memory on rank(s) [0] at eval batch 8; retrying with 4" in caplog.text
     assert set(backed.metrics) == set(plain.metrics)  # the finder's fields are on EvalResult, not in metrics
+
+
+def test_a_static_cache_decodes_the_same(tone_eval) -> None:
+    from toolkit.evaluation.generate import GenerationSettings, evaluate_model, generation_config_for
+
+    model, dataset, collator, tokenizer, normalize = tone_eval
+    assert generation_config_for(model, max_new_tokens=6, num_beams=1, static_cache=True).cache_implementation == "static"
+    results = [
+        evaluate_model(model, dataset, collator, tokenizer, normalize,
+                       GenerationSettings(batch_size=4, max_new_tokens=6, collect_predictions=True, static_cache=static))
+        for static in (False, True)
+    ]
+    assert results[0].predictions == results[1].predictions
+    assert {k: results[1].metrics[k] for k in METRIC_KEYS} == {k: results[0].metrics[k] for k in METRIC_KEYS}
 
 
 def test_generation_that_fits_nowhere_stops(tone_eval) -> None:

@@ -61,3 +61,31 @@ def decode_audio(audio: str | bytes | None, target_sr: int = SAMPLING_RATE) -> n
         if mono.size == 0:
             raise AudioError(f"empty audio (0 samples once resampled from {sr} Hz)")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+FRAME_SECONDS = 0.02
+"""Energy frames for :func:`speech_bounds`: Whisper's timestamp resolution."""
+SILENCE_DB = -40.0
+"""A frame this far below the loudest frame counts as silence."""
+
+
+def speech_bounds(samples: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> tuple[float, float] | None:
+    """``(start, end)`` seconds of the audio between its first and last non-silent 20 ms frame, or
+    None when every frame is silent.
+
+    A frame is silent when its RMS is more than 40 dB below the loudest frame's (or the whole clip is
+    digital silence). Synthesised and read speech has leading and trailing silence that a timestamp
+    target should not include; the bounds are frame-aligned, so they land on Whisper's 0.02 s grid.
+    """
+    frame = max(1, round(FRAME_SECONDS * sampling_rate))
+    count = len(samples) // frame + (1 if len(samples) % frame else 0)
+    if count == 0:
+        return None
+    padded = np.zeros(count * frame, dtype=np.float64)
+    padded[: len(samples)] = samples
+    rms = np.sqrt(np.mean(padded.reshape(count, frame) ** 2, axis=1))
+    loudest = float(rms.max())
+    if loudest <= 1e-6:
+        return None
+    loud = np.flatnonzero(rms >= loudest * 10 ** (SILENCE_DB / 20))
+    return float(loud[0] * frame / sampling_rate), float(min(len(samples), (loud[-1] + 1) * frame) / sampling_rate)

@@ -55,6 +55,8 @@ class GenerationSettings:
     """Generation length limit (tokens after the prompt)."""
     num_beams: int = EvaluationConfig.num_beams
     """1 is greedy decoding."""
+    static_cache: bool = EvaluationConfig.static_cache
+    """A static KV cache (transformers compiles the decoding step with it on CUDA)."""
     synced_gpus: bool = False
     """ZeRO-3: every generate step is a collective (weights are gathered from all ranks)."""
     num_workers: int = 0
@@ -67,7 +69,8 @@ class GenerationSettings:
     @classmethod
     def from_config(cls, eval_cfg: EvaluationConfig, **run: Any) -> GenerationSettings:
         """``eval_cfg``'s batch size and decoding limits; ``run`` sets (or overrides) any field."""
-        recipe = cls(batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams)
+        recipe = cls(batch_size=eval_cfg.batch_size, max_new_tokens=eval_cfg.max_new_tokens, num_beams=eval_cfg.num_beams,
+                     static_cache=eval_cfg.static_cache)
         return dataclasses.replace(recipe, **run)
 
 
@@ -115,8 +118,10 @@ def fitted_max_new_tokens(settings: GenerationSettings, dataset: SpeechDataset) 
     return min(settings.max_new_tokens, math.ceil(1.5 * dataset.longest_reference) + 8)
 
 
-def generation_config_for(model: Any, *, max_new_tokens: int, num_beams: int) -> Any:
+def generation_config_for(model: Any, *, max_new_tokens: int, num_beams: int, static_cache: bool = False) -> Any:
     config = copy.deepcopy(model.generation_config)
+    if static_cache:
+        config.cache_implementation = "static"
     config.max_new_tokens = max_new_tokens
     config.max_length = None
     config.num_beams = num_beams
@@ -173,7 +178,7 @@ def evaluate_model(
     run = _Evaluation(
         model, dataset, collator, tokenizer, normalize, settings, state,
         gen_config=generation_config_for(model, max_new_tokens=fitted_max_new_tokens(settings, dataset),
-                                         num_beams=settings.num_beams),
+                                         num_beams=settings.num_beams, static_cache=settings.static_cache),
         device=param.device, dtype=param.dtype,
     )
     size, backoffs = _generate_all(run)

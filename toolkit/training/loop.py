@@ -43,7 +43,7 @@ from toolkit.evaluation.generate import GenerationSettings, evaluate_model
 from toolkit.evaluation.normalize import make_normalizer
 from toolkit.flops import training_flops
 from toolkit.memory.advice import advice_for_run, checkpointing_needed
-from toolkit.modeling import LoadedModel, load_model, trainable_parameters
+from toolkit.modeling import LoadedModel, compile_layers, load_model, trainable_parameters
 from toolkit.oom import Backoff, OutOfMemoryAtMicroBatchOne, free_memory, install_injector
 from toolkit.output import append_skipped, export_model, push_to_hub, write_json, write_skipped
 from toolkit.training import zero
@@ -131,6 +131,8 @@ class TrainingRun:
                                         self.loaded.model.config.decoder_start_token_id, config.data.features_on)
         self.normalize = make_normalizer(self.loaded.english, self.loaded.processor.tokenizer)
         model = self.loaded.model
+        if config.training.compile:
+            logger.info("compiled %d layers (torch.compile)", compile_layers(model, zero.zero_stage(acc)))
         optimizer = build_optimizer(model, config.training, acc.device)
         scheduler = build_scheduler(optimizer, config.training)
         # Counted before prepare: ZeRO-3 leaves each rank only its partition of every parameter.
