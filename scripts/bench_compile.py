@@ -5,7 +5,8 @@ eager mode and after ``torch.compile`` (inductor), and prints one JSON line: the
 call and the median of the following ones for each. On this project's 2-core CPU machine
 (2026-11-26, whisper-tiny.en, batch 8, 24 label tokens) compiling made the step slower: 5.90 s
 (``--static``) and 6.60 s (dynamic shapes) against 4.99 and 4.93 s eager, after 49 and 85 s of
-compilation; so the toolkit has no compile option yet. The GPU question is open (see the README).
+compilation; so the toolkit's ``training.compile`` (regional: each layer) is off by default. The
+GPU question is open (see the README).
 
     .venv/bin/python scripts/bench_compile.py --model ../shared/models/whisper-tiny.en --batch 8 --static
 """

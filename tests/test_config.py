@@ -79,6 +79,15 @@ def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
         ("data.max_duration_s=40", "data.max_duration_s must be in (0, 30]"),
         ("model.language=dhivehi", "model.language: Whisper has no language 'dhivehi'"),
         ("output.push_to_hub=true", "output.push_to_hub needs output.hub_model_id"),
+        ("data.timestamp_probability=1.5", "data.timestamp_probability must be in [0, 1], got 1.5"),
+        ("data.condition_on_prev_probability=-0.1", "data.condition_on_prev_probability must be in [0, 1]"),
+        ("evaluation.guard=[{name: g, data: x, kind: bogus}]",
+         "evaluation.guard[0].kind must be one of 'general', 'no_speech', 'long_form', got 'bogus'"),
+        ("evaluation.guard=[{name: g}]", "evaluation.guard[0].data is required"),
+        ("evaluation.guard=[{name: a, data: x}, {name: a, data: y}]", "evaluation.guard: names must differ, got a, a"),
+        ("evaluation.guard=[{nme: a}]", "unknown key evaluation.guard[0].nme (did you mean evaluation.guard[0].name?)"),
+        ("evaluation.guard=[{name: 'a b', data: x}]", "evaluation.guard[0].name must be a non-empty name"),
+        ("evaluation.guard=[{name: a, data: x, max_rise: -1}]", "evaluation.guard[0].max_rise must be >= 0"),
         ("training=3", "override key 'training' must be dotted"),
         ("nodots", "must look like section.key=value"),
     ],
@@ -89,6 +98,19 @@ def test_bad_values_name_the_key(tmp_path: Path, override: str, message: str) ->
     text = str(info.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_guard_sets_round_trip_through_the_saved_recipe(tmp_path: Path) -> None:
+    from toolkit.config import dump_config
+
+    guard = "evaluation.guard=[{name: gen, data: x, weight: 0.5}, {name: quiet, data: y, kind: no_speech, max_rise: 2}]"
+    config = load_config(write(tmp_path, BASE), [guard])
+    assert [(g.name, g.kind, g.weight, g.max_rise) for g in config.evaluation.guard] == [
+        ("gen", "general", 0.5, None), ("quiet", "no_speech", 0.0, 2.0)
+    ]
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(dump_config(config))
+    assert load_config(saved).evaluation.guard == config.evaluation.guard
 
 
 def test_stand_in_language_is_explained(tmp_path: Path) -> None:

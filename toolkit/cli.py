@@ -60,12 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workdir", default=None, help="bench features: where to write the feature store")
 
     synth = sub.add_parser("synth", help="synthesise an English audiofolder corpus with espeak-ng (no download)")
-    synth.add_argument("--out", required=True, help="output directory; gets train/ and dev/ audiofolders")
-    synth.add_argument("--train", type=int, default=400, help="number of training utterances")
+    synth.add_argument(
+        "--out", required=True, help="output directory; gets train/ and dev/ (and longform/, nospeech/) audiofolders"
+    )
+    synth.add_argument(
+        "--train", type=int, default=400, help="number of training utterances (0, with --dev 0: no train/dev)"
+    )
     synth.add_argument("--dev", type=int, default=100, help="number of dev utterances")
+    synth.add_argument(
+        "--long-form", type=int, default=0, metavar="N",
+        help="also write N long-form recordings (dev sentences with pauses, segment times) to longform/",
+    )
+    synth.add_argument(
+        "--long-minutes", type=float, nargs=2, default=[2.0, 5.0], metavar=("MIN", "MAX"),
+        help="length range of a long-form recording, in minutes (default 2 5)",
+    )
+    synth.add_argument(
+        "--no-speech", type=int, default=0, metavar="N",
+        help="also write N clips of silence, noise or hum (2-30 s) to nospeech/",
+    )
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="espeak-ng processes at once")
-    synth.add_argument("--overwrite", action="store_true", help="replace existing train/ and dev/ splits")
+    synth.add_argument("--overwrite", action="store_true", help="replace existing splits and sets")
 
     plan = sub.add_parser("plan", help="estimate peak GPU memory per training mode; recommend the fastest that fits")
     from toolkit.memory.report import add_arguments as add_plan_arguments
@@ -101,6 +117,12 @@ def _add_evaluate_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--num-beams", type=int, default=evaluation.num_beams, help="beams; 1 is greedy decoding" + shown)
     ev.add_argument("--static-cache", action="store_true",
                     help="decode with a static KV cache (compiled by transformers on CUDA)")
+    ev.add_argument("--long-form", action="store_true",
+                    help="the data holds long recordings (any length, the whole transcript each): transcribe them "
+                         "with sequential long-form decoding and report windows, windows_without_timestamps and "
+                         "repetition_rate (--max-new-tokens then counts per 30 s window, at most 220)")
+    ev.add_argument("--temperature-fallback", action="store_true",
+                    help="with --long-form: Whisper's temperature fallback and no-speech skipping")
     ev.add_argument("--max-samples", type=int, default=data.max_eval_samples,
                     help="evaluate only the first N samples (default: all)")
     ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
@@ -197,17 +219,19 @@ def _run(argv: list[str] | None) -> int:
             setup_logging(args.verbose)
             return _bench(args)
         elif args.command == "synth":
-            from toolkit import synth
+            from toolkit import synth_long
 
             check_writable_dir("--out", args.out)
 
-            def progress(done: int, total: int) -> None:
-                if done % 100 == 0 or done == total:
-                    print(f"synth: {done}/{total} clips", file=sys.stderr, flush=True)
+            def progress(done: int, total: int, unit: str = "clips") -> None:
+                # A long-form recording is minutes of audio: each one is worth a line.
+                if done % 100 == 0 or done == total or unit == "long-form recordings":
+                    print(f"synth: {done}/{total} {unit}", file=sys.stderr, flush=True)
 
-            summary = synth.synthesize_corpus(
-                args.out, train=args.train, dev=args.dev, seed=args.seed, jobs=args.jobs,
-                overwrite=args.overwrite, progress=progress,
+            summary = synth_long.synthesize_sets(
+                args.out, train=args.train, dev=args.dev, long_form=args.long_form,
+                long_minutes=tuple(args.long_minutes), no_speech=args.no_speech, seed=args.seed,
+                jobs=args.jobs, overwrite=args.overwrite, progress=progress,
             )
             print(json.dumps(summary), flush=True)
         elif args.command == "plan":
@@ -270,7 +294,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
     )
     eval_cfg = EvaluationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                                static_cache=args.static_cache)
+                                static_cache=args.static_cache, long_form=args.long_form,
+                                temperature_fallback=args.temperature_fallback)
     for section in (model_cfg, data_cfg, eval_cfg):
         section.validate()
     state = init_state()

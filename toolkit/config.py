@@ -121,6 +121,16 @@ class DataConfig:
     """Training packs several clips, with 0.3 s silent gaps, into each 30 s window, their transcripts
     in order in one label (:mod:`toolkit.data.packing`). training.global_batch_size then counts
     windows; logs and results.json also report clips and audio hours. Evaluation is per clip."""
+    timestamp_probability: float = 0.5
+    """Share of training samples whose label carries segment timestamps (``<|0.00|> text <|3.42|>...``)
+    instead of ``<|notimestamps|>``, drawn per sample from (seed, stream position); it keeps the
+    model's timestamp prediction, which long-form transcription needs. 0 trains without timestamps.
+    Segment times come from packed windows, a manifest's ``segments`` column, or a clip's speech bounds."""
+    condition_on_prev_probability: float = 0.2
+    """Share of training samples whose label starts with the previous utterance's text as a
+    ``<|startofprev|>`` prompt (capped at half the decoder context, not in the loss): the preceding
+    packed window, or the preceding clip of the same recording (a manifest's ``recording`` column,
+    or the windows cut from one long recording). Samples with no known predecessor get no prompt."""
     fail_on_skip: bool = False
     """Abort instead of skipping when a sample is unreadable, corrupt, NaN/absurdly loud or has no transcript."""
     dedup: bool = False
@@ -147,6 +157,9 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if not self.text_column:
             raise ConfigError("data.text_column must not be empty")
+        for key in ("timestamp_probability", "condition_on_prev_probability"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"data.{key} must be in [0, 1], got {getattr(self, key)}")
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
@@ -305,6 +318,39 @@ class LoraConfig:
 
 
 @dataclass
+class GuardSet:
+    """An extra eval set run at every evaluation beside ``data.eval`` (``evaluation.guard``): it
+    measures what fine-tuning breaks."""
+
+    name: str = ""
+    """Its key in metrics.jsonl, TensorBoard and results.json (``guard/NAME/...``)."""
+    data: str = ""
+    """An audiofolder, manifest or Hub dataset id."""
+    kind: Literal["general", "no_speech", "long_form"] = "general"
+    """``general``: held-out speech, where a WER rise measures forgetting; ``no_speech``: silence and
+    noise, where any output word is a hallucination; ``long_form``: recordings of any length,
+    transcribed with sequential long-form decoding."""
+    weight: float = 0.0
+    """Weight of its metric in the score that ``output.final_model: best`` ranks checkpoints by: the
+    main WER plus the sum of weight x metric over the guard sets."""
+    max_rise: float | None = None
+    """Stop training (with a final checkpoint) when its metric rises more than this above the first
+    evaluation (the starting model's with ``evaluation.at_start``): in WER points for ``general`` and
+    ``long_form`` sets, in the hallucination rate (the share of clips with any output word, 0 to 1)
+    for ``no_speech`` sets."""
+
+    def validate(self, key: str) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{key}.name must be a non-empty name of letters, digits, - and _, got {self.name!r}")
+        if not self.data:
+            raise ConfigError(f"{key}.data is required (an audiofolder, manifest or Hub dataset id)")
+        if self.weight < 0:
+            raise ConfigError(f"{key}.weight must be >= 0, got {self.weight}")
+        if self.max_rise is not None and self.max_rise < 0:
+            raise ConfigError(f"{key}.max_rise must be >= 0, got {self.max_rise}")
+
+
+@dataclass
 class EvaluationConfig:
     every_steps: int = 0
     """Optimizer steps between evaluations during training; 0 evaluates only at the end."""
@@ -320,8 +366,29 @@ class EvaluationConfig:
     static_cache: bool = False
     """Decode with a static KV cache; on CUDA, transformers then compiles the decoding step (once per
     eval batch shape). No gain on the CPU machine, where the encoder dominates (README, speed)."""
+    long_form: bool = False
+    """The eval set holds long recordings (any length, the whole transcript each), transcribed with
+    sequential long-form decoding: 30 s windows guided by timestamps, each prompted with the previous
+    text (toolkit.evaluation.longform); it also reports the windows without timestamps."""
+    temperature_fallback: bool = False
+    """Long-form only: Whisper's temperature fallback (a window that loops or is unlikely is decoded
+    again at temperatures 0.2 to 1.0) and its no-speech skipping."""
+
+    guard: list[GuardSet] = field(default_factory=list)
+    """Regression guard: extra eval sets (``[{name, data, kind, weight, max_rise}]``) evaluated at every
+    evaluation, each reporting WER, insertion and repetition rates (and for long-form sets the share of
+    windows with valid timestamps)."""
 
     def validate(self) -> None:
+        names = [g.name for g in self.guard]
+        for index, guard in enumerate(self.guard):
+            guard.validate(f"evaluation.guard[{index}]")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"evaluation.guard: names must differ, got {', '.join(names)}")
+        if self.temperature_fallback and not (self.long_form or any(g.kind == "long_form" for g in self.guard)):
+            raise ConfigError("evaluation.temperature_fallback needs evaluation.long_form (or a long_form guard set)")
+        if self.long_form and self.static_cache:
+            raise ConfigError("evaluation.static_cache is for short-form decoding; long_form decodes with a dynamic cache")
         if self.every_steps < 0:
             raise ConfigError(f"evaluation.every_steps must be >= 0, got {self.every_steps}")
         if self.batch_size <= 0:

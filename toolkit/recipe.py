@@ -172,6 +172,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
+    if dataclasses.is_dataclass(hint):  # an entry of a list of sections (evaluation.guard)
+        return build_dataclass(hint, value, prefix=f"{key}.")
     if hint is bool:
         if isinstance(value, bool):
             return value

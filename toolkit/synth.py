@@ -13,6 +13,9 @@ sentence, and the dev set for a seed does not depend on how many training senten
 Each utterance gets a voice, a speed (130-190 words per minute) and a pitch (30-70) drawn from a
 generator seeded by ``(seed, split, index)``: the corpus is the same whatever the number of jobs.
 
+:mod:`toolkit.synth_long` adds two evaluation sets made from the same pieces: long-form recordings
+(several dev-side sentences with pauses, and their segment times) and no-speech clips.
+
 espeak-ng's speech is robotic; a fine-tuned model learns it quickly, which is what a demo needs, but
 WER on this corpus says nothing about real speech.
 """
@@ -248,16 +251,15 @@ def plan_split(split: str, count: int, seed: int) -> list[Utterance]:
     return utterances
 
 
-def synthesize_clip(espeak: str, utterance: Utterance, out_dir: Path, tmp_dir: Path) -> int:
-    """Speak one utterance into ``out_dir`` as 16 kHz mono FLAC; returns its number of samples."""
-    wav = tmp_dir / f"{utterance.split}-{utterance.index:06d}.wav"
-    cmd = [espeak, "-v", utterance.voice, "-s", str(utterance.speed), "-p", str(utterance.pitch), "-w", str(wav)]
+def speak(espeak: str, text: str, *, voice: str, speed: int, pitch: int, wav: Path) -> np.ndarray:
+    """``text`` spoken by espeak-ng as 16 kHz mono float32 in [-1, 1]; ``wav`` is a scratch file."""
+    cmd = [espeak, "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(wav)]
     # The text goes through stdin so that nothing in it can be taken for an option.
-    result = subprocess.run(cmd, input=utterance.sentence, capture_output=True, text=True, check=False)
+    result = subprocess.run(cmd, input=text, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not wav.is_file():
         raise SynthError(
-            f"espeak-ng failed (exit {result.returncode}) on {utterance.sentence!r} with voice "
-            f"{utterance.voice}: {result.stderr.strip() or 'no output file'}"
+            f"espeak-ng failed (exit {result.returncode}) on {text!r} with voice "
+            f"{voice}: {result.stderr.strip() or 'no output file'}"
         )
     try:
         audio, rate = sf.read(wav, dtype="float32", always_2d=True)
@@ -265,10 +267,22 @@ def synthesize_clip(espeak: str, utterance: Utterance, out_dir: Path, tmp_dir: P
         wav.unlink(missing_ok=True)
     audio = audio.mean(axis=1)
     if audio.size == 0:
-        raise SynthError(f"espeak-ng produced no audio for {utterance.sentence!r} (voice {utterance.voice})")
+        raise SynthError(f"espeak-ng produced no audio for {text!r} (voice {voice})")
     if rate != SAMPLE_RATE:
         audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
-    audio = np.clip(audio, -1.0, 1.0)
+    return np.clip(audio, -1.0, 1.0)
+
+
+def synthesize_clip(espeak: str, utterance: Utterance, out_dir: Path, tmp_dir: Path) -> int:
+    """Speak one utterance into ``out_dir`` as 16 kHz mono FLAC; returns its number of samples."""
+    audio = speak(
+        espeak,
+        utterance.sentence,
+        voice=utterance.voice,
+        speed=utterance.speed,
+        pitch=utterance.pitch,
+        wav=tmp_dir / f"{utterance.split}-{utterance.index:06d}.wav",
+    )
     sf.write(out_dir / utterance.file_name, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
     return int(audio.shape[0])
 

@@ -14,7 +14,8 @@ def test_flac_bytes_that_end_in_nul_reach_the_decoder_whole(monkeypatch: pytest.
     # numpy's bytes scalars drop trailing NULs: a FLAC stream ending in one would arrive truncated.
     stream = b"fLaC\x01\x02\x00\x00"
     table = datasets.Dataset.from_dict(
-        {"id": ["a"], "flac": [stream], "scale": [1.0], "text": ["x"], "duration": [1.0]}, features=features()
+        {"id": ["a"], "flac": [stream], "scale": [1.0], "text": ["x"], "duration": [1.0], "segments": ["[]"],
+         "recording": [""], "no_speech": [False]}, features=features()
     )
     seen: list[bytes] = []
     monkeypatch.setattr(dataset_module.pcm_codec, "decode", lambda data: seen.append(data) or np.zeros(1, np.int16))

@@ -168,13 +168,13 @@ UNITS = [(0, 1, 2), (3,), (9, 8), (12, 5, 10, 4), (11, 13, 6, 7)]
 
 def test_packer_parts(prepared: Any, tokenizer: Any) -> None:
     dataset = packed_dataset(prepared, tokenizer)
-    packer = dataset.packer
-    assert packer.prompt == list(tokenizer.prefix_tokens) == tokenizer("x").input_ids[:2]
-    assert packer.eot == tokenizer.eos_token_id
-    assert packer.text_budget() == 448 - len(packer.prompt) - 1
+    targets = dataset.packer.targets
+    assert list(targets.special.prefix) == list(tokenizer.prefix_tokens) == tokenizer("x").input_ids[:2]
+    assert targets.special.eot == tokenizer.eos_token_id
+    assert targets.text_budget(448) == 448 - len(targets.special.prefix) - 1
     for row, (_, text) in enumerate(CLIPS):
-        assert packer.first[row] == tokenizer(text, add_special_tokens=False).input_ids
-        assert packer.spaced[row] == tokenizer(" " + text, add_special_tokens=False).input_ids
+        assert targets.first[row] == tokenizer(text, add_special_tokens=False).input_ids
+        assert targets.spaced[row] == tokenizer(" " + text, add_special_tokens=False).input_ids
 
 
 @pytest.mark.parametrize("unit", UNITS)
@@ -300,8 +300,34 @@ def test_unit_helpers_count_clips_tokens_and_seconds(prepared: Any, tokenizer: A
     # token each with the byte-level tokenizer); each clip alone predicts its end-of-text too.
     alone = dataset.unit_tokens([0, 1, 2])
     assert alone == int(dataset.label_lengths()[[0, 1, 2]].sum())
-    assert dataset.unit_tokens([(0, 1, 2)]) == alone - 2 * len(dataset.packer.prompt) + 2
+    assert dataset.unit_tokens([(0, 1, 2)]) == alone - 2 * len(dataset.packer.targets.special.prefix) + 2
     assert dataset.unit_seconds(units) == pytest.approx(sum(CLIPS[i][0] for i in (0, 1, 2, 3, 9, 8)), abs=1e-3)
     assert dataset.unit_seconds([(0, 1, 2)]) == pytest.approx(dataset.unit_seconds([0, 1, 2]))
     assert dataset.clip_ids(units) == [dataset[i].id for i in (0, 1, 2, 3, 9, 8)]
     assert dataset.clip_ids([5]) == ["clip-05.flac"]
+
+
+@pytest.mark.parametrize("unit", [(0, 1, 2), (9, 8)])
+def test_packed_timestamped_label_token_by_token(prepared: Any, tokenizer: Any, unit: tuple[int, ...]) -> None:
+    """Each clip's segment lands at its place in the window: its offset (clips and 0.3 s gaps before
+    it) plus its own speech bounds, on the 0.02 s grid."""
+    from toolkit.data.dataset import Item, attach_targets
+
+    dataset, _ = build_dataset(prepared, tokenizer)
+    attach_targets(dataset, tokenizer, len(tokenizer), seed=0, timestamp_probability=1.0, previous_probability=0.0)
+    dataset.packer = Packer.build(dataset, tokenizer, 448)
+    example = dataset[Item(unit, position=3)]
+    expected = [tokenizer.convert_tokens_to_ids("<|startoftranscript|>")]
+    offset = 0
+    for row in unit:
+        clip = dataset.clip(row)
+        (segment,) = clip.segments  # one segment per clip: its speech bounds
+        start, end = offset / SAMPLING_RATE + segment.start, offset / SAMPLING_RATE + segment.end
+        expected += [tokenizer.convert_tokens_to_ids(f"<|{round(start / 0.02) * 0.02:.2f}|>"),
+                     *tokenizer(" " + CLIPS[row][1], add_special_tokens=False).input_ids,
+                     tokenizer.convert_tokens_to_ids(f"<|{round(end / 0.02) * 0.02:.2f}|>")]
+        offset += len(clip.pcm) + GAP_SAMPLES
+    assert example.labels == [*expected, tokenizer.eos_token_id]
+    assert example.prompt_length == 0
+    # The packer budgets for the timestamped layout: two more tokens per segment.
+    assert dataset.targets.clip_cost(unit[0]) == len(tokenizer(" " + CLIPS[unit[0]][1], add_special_tokens=False).input_ids) + 2

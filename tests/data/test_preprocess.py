@@ -40,7 +40,7 @@ def test_bad_samples_are_skipped_with_reasons(tmp_path: Path) -> None:
     assert reasons["corrupt.flac"][0] == "error" and "corrupt" in reasons["corrupt.flac"][1]
     assert reasons["empty.wav"][0] == "error"
     assert reasons["missing.flac"] == ("error", "missing file")
-    assert reasons["long.flac"] == ("filtered", "longer than 30 s (31.0 s)")
+    assert reasons["long.flac"] == ("filtered", "longer than 30 s (31.0 s) and no segments to cut it by")
     assert reasons["notext.flac"] == ("error", "empty transcript")
     row = prepared.dataset.with_format("numpy")[0]
     assert abs(row["duration"] - 1.0) < 1e-3

@@ -74,7 +74,7 @@ def test_a_continued_step_starts_at_the_samples_done_even_off_the_new_micro_batc
     sampler = StepSampler(100, seed=0, rank=1)
     mine = sampler.rank_indices(3, before).tolist()
     rest = StepBatchSampler(sampler, after, 3, 5, skip_samples=5)
-    batches = list(rest)
+    batches = [[item.unit for item in batch] for batch in rest]
     assert sum(batches[:8], []) == mine[5:] and [len(b) for b in batches[:8]] == [2] * 7 + [1]
     assert len(rest) == len(batches) == 8 + 10
 
@@ -156,7 +156,13 @@ def test_packed_resume_needs_no_state_even_across_epoch_boundaries() -> None:
     full = list(StepBatchSampler(StepSampler(40, seed=4, rank=1, layout=layout), two, 0, 12))
     resumed = list(StepBatchSampler(StepSampler(40, seed=4, rank=1, layout=layout), two, 7, 12))
     assert resumed == full[7 * 3 :] and len(full) == 12 * 3
-    assert all(isinstance(u, tuple) for batch in full for u in batch)
+    assert all(isinstance(item.unit, tuple) for batch in full for item in batch)
+    # Items carry their stream position and the window before them: a resume rebuilds both.
+    flat = [item for batch in full for item in batch]
+    whole = [u for step in range(12) for u in StepSampler(40, seed=4, rank=0, layout=layout).step_indices(step, two)]
+    for item in flat:
+        assert whole[item.position] == item.unit
+        assert item.previous == (whole[item.position - 1] if item.position else None)
 
 
 def test_packed_epoch_of_increases_with_the_step() -> None:
@@ -179,11 +185,15 @@ def test_packed_epoch_of_increases_with_the_step() -> None:
 def test_packed_layout_from_a_real_packer() -> None:
     """The training loop's wiring: ``partial(packer.layout, durations=...)`` as the sampler's layout."""
     from toolkit.data.packing import Packer
+    from toolkit.data.targets import Special, Targets
 
     rng = np.random.default_rng(0)
     n = 30
     first = [list(range(int(k))) for k in rng.integers(3, 40, n)]
-    packer = Packer(prompt=[1, 2], eot=0, first=first, spaced=[[9, *f] for f in first], max_label_tokens=100)
+    special = Special(prefix=(1, 2), eot=0, sot=1, notimestamps=2, startofprev=3, nospeech=4, timestamp_begin=5)
+    targets = Targets(special, first, [[9, *f] for f in first], [[] for _ in first], np.zeros(n, bool),
+                      np.full(n, -1), max_tokens=448)
+    packer = Packer(targets, max_label_tokens=100)
     durations = rng.uniform(1.0, 9.0, n).astype(np.float32)
     sampler = StepSampler(n, seed=0, rank=0, layout=partial(packer.layout, durations=durations))
     plan = BatchPlan.create(4, 4, 1)

@@ -136,7 +136,7 @@ def figures(run: BenchRun, results: dict[str, Any]) -> dict[str, Any]:
         "train_audio_hours": results["train_audio_hours"],
         "train_seconds": results["train_runtime_s"],
         "steps": results["steps"],
-        "preprocess_seconds": round(run.train_data_seconds, 2),
+        "preprocess_seconds": round(run.data.train_seconds, 2),
         "preprocessed_bytes": run.data.train.bytes_on_disk,
         "world_size": acc.num_processes,
         "device": device,

@@ -18,18 +18,22 @@ import torch
 from toolkit.config import WHISPER_MAX_TARGET_POSITIONS
 from toolkit.data import pcm as pcm_codec
 from toolkit.data.preprocess import PreparedSplit, Skip
+from toolkit.data.segments import Segment, from_json
+from toolkit.data.targets import Special, Targets
 
 Unit = int | tuple[int, ...]
 """One training item: a clip's row number, or the row numbers of the clips packed into one window."""
 
 
 @dataclass(frozen=True)
-class Segment:
-    """Where one clip of a packed window lies in it (seconds from the window's start), and its text."""
+class Item:
+    """A unit at its place in the training stream: what its label layout is drawn from."""
 
-    start: float
-    end: float
-    text: str
+    unit: Unit
+    position: int
+    """Stream position (step x global batch + index in the step): the layout draw's key."""
+    previous: tuple[int, ...] | None = None
+    """Packed windows: the clips of the window before it in the stream (its previous text)."""
 
 
 @dataclass
@@ -41,7 +45,9 @@ class Example:
     text: str
     labels: list[int] | None
     segments: list[Segment] | None = None
-    """Packed windows only: every clip's span and text, in order (exact, for timestamp targets)."""
+    """Every segment's span (seconds from the start of the clip or window) and text, in order."""
+    prompt_length: int = 0
+    """Leading label tokens that are a previous-text prompt, not a target."""
 
     @property
     def audio(self) -> np.ndarray:
@@ -55,7 +61,7 @@ class SpeechDataset(torch.utils.data.Dataset):
     def __init__(self, table: Any, rows: np.ndarray, labels: list[list[int]] | None, durations: np.ndarray):
         # Python objects, not numpy: numpy's bytes scalars drop trailing NUL bytes, which truncates
         # any FLAC stream that happens to end in one.
-        self.table = table.with_format(None, columns=["id", "flac", "scale", "text"])
+        self.table = table.with_format(None, columns=["id", "flac", "scale", "text", "segments"])
         self.rows = rows
         self.labels = labels
         self.durations = durations
@@ -64,6 +70,8 @@ class SpeechDataset(torch.utils.data.Dataset):
         self._cached_lengths: np.ndarray | None = None
         self.packer: Any = None
         """A :class:`~toolkit.data.packing.Packer` when training packs clips into windows."""
+        self.targets: Targets | None = None
+        """Training: the label layouts (timestamps, prompts) drawn per :class:`Item`."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -71,12 +79,23 @@ class SpeechDataset(torch.utils.data.Dataset):
     def clip(self, index: int) -> Example:
         row = self.table[int(self.rows[index])]
         labels = self.labels[index] if self.labels is not None else None
-        return Example(str(row["id"]), pcm_codec.decode(row["flac"]), float(row["scale"]), str(row["text"]), labels)
+        return Example(str(row["id"]), pcm_codec.decode(row["flac"]), float(row["scale"]), str(row["text"]), labels,
+                       from_json(row["segments"]))
 
-    def __getitem__(self, unit: Unit) -> Example:
-        if isinstance(unit, tuple):
-            return self.packer.window(self, unit)
-        return self.clip(unit)
+    def __getitem__(self, key: Unit | Item) -> Example:
+        unit = key.unit if isinstance(key, Item) else key
+        example = self.packer.window(self, unit) if isinstance(unit, tuple) else self.clip(unit)
+        if isinstance(key, Item) and self.targets is not None:
+            example.labels, example.prompt_length = self.targets.label(
+                _rows(unit), key.position, key.previous, example.segments
+            )
+        return example
+
+    def item_sizes(self, items: Sequence[Item]) -> list[tuple[int, int]]:
+        """(label tokens in the loss, decoder positions) of each item, without decoding audio."""
+        if self.targets is None:
+            return [(n, n) for n in (self.unit_tokens([item.unit]) for item in items)]
+        return [self.targets.sizes(_rows(item.unit), item.position, item.previous) for item in items]
 
     def label_lengths(self) -> np.ndarray:
         """Tokens each clip contributes to the loss alone (the leading start token is not predicted)."""
@@ -143,5 +162,42 @@ def build_dataset(
     return dataset, skips
 
 
+def _rows(unit: Unit) -> tuple[int, ...]:
+    return unit if isinstance(unit, tuple) else (int(unit),)
+
+
 def _packed(units: Sequence[Unit]) -> bool:
     return len(units) > 0 and isinstance(units[0], tuple)
+
+
+def attach_targets(dataset: SpeechDataset, tokenizer: Any, vocab_size: int, *, seed: int,
+                   timestamp_probability: float, previous_probability: float,
+                   max_tokens: int = WHISPER_MAX_TARGET_POSITIONS) -> Targets:
+    """Build the training label layouts for ``dataset`` (which must have labels) and attach them."""
+    if dataset.labels is None:
+        raise ValueError("label layouts need a dataset with labels")
+    special = Special.from_tokenizer(tokenizer, vocab_size, timestamps=timestamp_probability > 0)
+    table = dataset.table.data
+    rows = dataset.rows.tolist()
+    texts = table.column("text").to_pylist()
+    spaced = tokenizer([" " + str(texts[r]).lstrip() for r in rows], add_special_tokens=False).input_ids if rows else []
+    pieces: list[list[list[int]]] = [[] for _ in rows]
+    if timestamp_probability > 0:
+        stored = table.column("segments").to_pylist()
+        segment_texts = [[s.text for s in from_json(stored[r])] for r in rows]
+        flat = [" " + text.lstrip() for texts_of_row in segment_texts for text in texts_of_row]
+        tokens = iter(tokenizer(flat, add_special_tokens=False).input_ids if flat else [])
+        pieces = [[list(next(tokens)) for _ in texts_of_row] for texts_of_row in segment_texts]
+    recordings = table.column("recording").to_pylist()
+    index_of = {row: index for index, row in enumerate(rows)}
+    previous = np.asarray([
+        index_of.get(r - 1, -1) if r > 0 and recordings[r] and recordings[r - 1] == recordings[r] else -1 for r in rows
+    ], dtype=np.int64)
+    prefix = len(special.prefix)
+    targets = Targets(
+        special, [list(labels[prefix:-1]) for labels in dataset.labels], [list(s) for s in spaced], pieces,
+        np.asarray(table.column("no_speech").to_pylist(), dtype=bool)[dataset.rows], previous, max_tokens,
+        seed, timestamp_probability, previous_probability,
+    )
+    dataset.targets = targets
+    return targets

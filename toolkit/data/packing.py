@@ -8,10 +8,9 @@ pure function of (seed, epoch), so the step-addressed sampler (:mod:`toolkit.tra
 keeps its guarantees: exact resume with no saved loader state, and the same windows per step on 1
 or N processes. The global batch then counts windows.
 
-A window's label is the prompt of a single clip followed by every clip's transcript in order,
-separated by a space, then end-of-text. The clips' exact spans are kept as
-:class:`~toolkit.data.dataset.Segment` s, so a label with segment timestamps can be built from the
-same window.
+A window's plain label is the prompt of a single clip followed by every clip's transcript in order,
+separated by a space, then end-of-text. Every clip's segments are kept, shifted to their exact place in
+the window, so the timestamped layout (:mod:`toolkit.data.targets`) is built from the same window.
 """
 
 from __future__ import annotations
@@ -22,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from toolkit.data.audio import SAMPLING_RATE
-from toolkit.data.dataset import Example, Segment, SpeechDataset
+from toolkit.data.dataset import Example, SpeechDataset, attach_targets
+from toolkit.data.segments import WINDOW_SECONDS, Segment
+from toolkit.data.targets import Targets
 
-WINDOW_SECONDS = 30.0
 GAP_SECONDS = 0.3
 """Silence between two packed clips: about a pause between sentences."""
 
@@ -56,51 +56,37 @@ def pack(order: np.ndarray, durations: np.ndarray, tokens: np.ndarray, max_secon
 
 @dataclass
 class Packer:
-    """What building packed windows needs: each clip's text tokens, and the label's fixed parts."""
+    """Packs clips into windows; their labels come from the dataset's :class:`~toolkit.data.targets.Targets`."""
 
-    prompt: list[int]
-    """The tokens before the text: start of transcript, language, task, no-timestamps."""
-    eot: int
-    first: list[list[int]]
-    """Each clip's text tokens when it opens a window (as its single-clip label has them)."""
-    spaced: list[list[int]]
-    """Each clip's text tokens after another clip's (with the separating space)."""
+    targets: Targets
     max_label_tokens: int
     max_seconds: float = WINDOW_SECONDS
     gap: float = GAP_SECONDS
 
     @classmethod
     def build(cls, dataset: SpeechDataset, tokenizer: Any, max_label_tokens: int) -> Packer:
+        """A packer for ``dataset``, from its attached targets (plain ones are attached if it has none)."""
         if dataset.labels is None:
             raise ValueError("packing needs a dataset with labels")
-        prompt = list(tokenizer.prefix_tokens)
-        eot = int(tokenizer.eos_token_id)
-        first = [labels[len(prompt):-1] for labels in dataset.labels]
-        texts = [str(t) for t in dataset.table.data.column("text").to_pylist()]
-        spaced = tokenizer([" " + texts[int(row)].lstrip() for row in dataset.rows], add_special_tokens=False).input_ids
-        return cls(prompt, eot, first, [list(s) for s in spaced], max_label_tokens)
-
-    def text_budget(self) -> int:
-        return self.max_label_tokens - len(self.prompt) - 1
+        targets = dataset.targets or attach_targets(dataset, tokenizer, len(tokenizer), seed=0,
+                                                    timestamp_probability=0.0, previous_probability=0.0)
+        return cls(targets, max_label_tokens)
 
     def layout(self, order: np.ndarray, durations: np.ndarray) -> list[tuple[int, ...]]:
         """The windows of one epoch, given its clip order (a seeded permutation)."""
-        # The larger of a clip's two forms: whichever it takes in the window, the label fits.
-        tokens = np.asarray([max(len(f), len(s)) for f, s in zip(self.first, self.spaced, strict=True)], dtype=np.int64)
-        return pack(order, durations, tokens, self.max_seconds, self.text_budget(), self.gap)
+        # What a clip costs in whichever layout and place it ends up: whatever the draw, the label fits.
+        tokens = np.asarray([self.targets.clip_cost(row) for row in range(len(durations))], dtype=np.int64)
+        return pack(order, durations, tokens, self.max_seconds, self.targets.text_budget(self.max_label_tokens), self.gap)
 
     def window_labels(self, unit: tuple[int, ...]) -> list[int]:
-        text = list(self.first[unit[0]])
-        for row in unit[1:]:
-            text += self.spaced[row]
-        return [*self.prompt, *text, self.eot]
+        return self.targets.plain(unit)
 
     def window_tokens(self, unit: tuple[int, ...]) -> int:
-        """Tokens the window's label contributes to the loss (its start token is not predicted)."""
-        return len(self.window_labels(unit)) - 1
+        """Tokens the window's plain label contributes to the loss (its start token is not predicted)."""
+        return self.targets.plain_length(unit) - 1
 
     def window(self, dataset: SpeechDataset, unit: tuple[int, ...]) -> Example:
-        """The packed window ``unit``: the clips' audio with silent gaps, one label, each clip's span."""
+        """The packed window ``unit``: the clips' audio with silent gaps, one label, every segment's span."""
         clips = [dataset.clip(i) for i in unit]
         scale = max(c.scale for c in clips)
         gap = np.zeros(round(self.gap * SAMPLING_RATE), dtype=np.int16)
@@ -113,7 +99,7 @@ class Packer:
                 position += len(gap)
             pcm = clip.pcm if clip.scale == scale else _rescale(clip.pcm, clip.scale / scale)
             parts.append(pcm)
-            segments.append(Segment(position / SAMPLING_RATE, (position + len(pcm)) / SAMPLING_RATE, clip.text))
+            segments += [s.shifted(position / SAMPLING_RATE) for s in clip.segments or ()]
             position += len(pcm)
         return Example(
             id="+".join(c.id for c in clips), pcm=np.concatenate(parts), scale=scale,

@@ -31,12 +31,21 @@ import datasets
 
 from toolkit.data import pcm
 from toolkit.data.audio import SAMPLING_RATE, AudioError, decode_audio
+from toolkit.data.segments import (
+    WINDOW_SECONDS,
+    Segment,
+    SegmentError,
+    clip_segments,
+    cut_windows,
+    parse_segments,
+)
+from toolkit.data.segments import to_json as segments_json
 from toolkit.data.sources import DataError, Source
 
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 256
-FORMAT_VERSION = 4  # 4: 16-bit FLAC + scale instead of float32; 3: audio past MAX_PEAK is skipped
+FORMAT_VERSION = 5  # 5: segments, recording, no_speech; 4: 16-bit FLAC + scale; 3: audio past MAX_PEAK is skipped
 SKIP_FILE = "skips.json"
 
 
@@ -71,6 +80,9 @@ def features() -> datasets.Features:
             "scale": datasets.Value("float32"),
             "text": datasets.Value("string"),
             "duration": datasets.Value("float32"),
+            "segments": datasets.Value("string"),
+            "recording": datasets.Value("string"),
+            "no_speech": datasets.Value("bool"),
         }
     )
 
@@ -83,30 +95,56 @@ def chunk_key(source: Source, start: int, stop: int, *, target_sr: int, max_dura
 def process_chunk(
     source: Source, start: int, stop: int, split: str, *, target_sr: int, max_duration_s: float
 ) -> tuple[dict[str, list[Any]], list[Skip]]:
-    """Decode items ``start:stop``; bad ones become :class:`Skip` entries instead of exceptions."""
-    rows: dict[str, list[Any]] = {"id": [], "flac": [], "scale": [], "text": [], "duration": []}
+    """Decode items ``start:stop``; bad ones become :class:`Skip` entries instead of exceptions.
+
+    A recording longer than ``max_duration_s`` with segments becomes several rows, one per window
+    (:func:`toolkit.data.segments.cut_windows`), all with the recording's id in ``recording``.
+    """
+    rows: dict[str, list[Any]] = {name: [] for name in features()}
     skips: list[Skip] = []
     for index in range(start, stop):
         item_id, audio, text = source.get(index)
-        if text is None or not str(text).strip():
+        extras = source.extras(index)
+        text = str(text).strip() if text is not None else ""
+        if extras.no_speech and text:
+            skips.append(Skip(split, item_id, "a no-speech clip with a transcript"))
+            continue
+        if not text and not extras.no_speech:
             skips.append(Skip(split, item_id, "empty transcript"))
             continue
         try:
             samples = decode_audio(audio, target_sr)
-        except AudioError as exc:
-            skips.append(Skip(split, item_id, exc.reason))
+            duration = len(samples) / target_sr
+            given = parse_segments(extras.segments, duration) if extras.segments else None
+        except (AudioError, SegmentError) as exc:
+            skips.append(Skip(split, item_id, str(exc)))
             continue
-        duration = len(samples) / target_sr
-        if duration > max_duration_s:
-            skips.append(Skip(split, item_id, f"longer than {max_duration_s:g} s ({duration:.1f} s)", "filtered"))
+        if duration <= max_duration_s:
+            segments = [] if extras.no_speech else given or clip_segments(samples, text)
+            _add_row(rows, item_id, samples, text, duration, segments, extras.recording, extras.no_speech)
             continue
-        rows["id"].append(item_id)
-        flac, scale = pcm.encode(samples)
-        rows["flac"].append(flac)
-        rows["scale"].append(scale)
-        rows["text"].append(str(text).strip())
-        rows["duration"].append(duration)
+        if given is None:
+            skips.append(Skip(split, item_id, f"longer than {max_duration_s:g} s ({duration:.1f} s) and no "
+                                              "segments to cut it by", "filtered"))
+            continue
+        windows, dropped = cut_windows(given, min(max_duration_s, WINDOW_SECONDS))
+        for segment in dropped:
+            skips.append(Skip(split, f"{item_id}@{segment.start:.2f}", f"segment longer than a "
+                              f"{WINDOW_SECONDS:g} s window ({segment.end - segment.start:.1f} s)", "filtered"))
+        for window in windows:
+            piece = samples[round(window.start * target_sr) : round(window.end * target_sr)]
+            _add_row(rows, f"{item_id}@{window.start:.2f}", piece, window.text, len(piece) / target_sr,
+                     window.segments, extras.recording or item_id, False)
     return rows, skips
+
+
+def _add_row(rows: dict[str, list[Any]], item_id: str, samples: Any, text: str, duration: float,
+             segments: list[Segment], recording: str | None, no_speech: bool) -> None:
+    flac, scale = pcm.encode(samples)
+    values = {"id": item_id, "flac": flac, "scale": scale, "text": text, "duration": duration,
+              "segments": segments_json(segments), "recording": recording or "", "no_speech": no_speech}
+    for name, value in values.items():
+        rows[name].append(value)
 
 
 def build_chunk(

@@ -16,6 +16,7 @@ naming the file and line: reading such a row some other way would train on a wro
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -40,12 +41,29 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class Extras:
+    """What a row may say besides its audio and transcript (all optional manifest columns)."""
+
+    segments: str | None = None
+    """``segments``: JSON list of ``{start, end, text}`` (seconds in the file), checked when decoded."""
+    recording: str | None = None
+    """``recording``: which recording the clip comes from; its rows follow each other in manifest
+    order, so the row before is the previous utterance (for previous-text prompts)."""
+    no_speech: bool = False
+    """``no_speech``: the clip is silence or noise; its transcript must be empty."""
+
+
+NO_EXTRAS = Extras()
+
+
+@dataclass(frozen=True)
 class LocalItem:
     """One row of a local source: an audio file and its transcript."""
 
     id: str
     path: str
     text: str | None
+    extras: Extras = NO_EXTRAS
 
 
 class Source:
@@ -63,6 +81,10 @@ class Source:
     def get(self, index: int) -> tuple[str, str | bytes | None, str | None]:
         """Return ``(id, audio, text)`` where audio is a path or the encoded bytes."""
         raise NotImplementedError  # pragma: no cover - interface
+
+    def extras(self, index: int) -> Extras:
+        """The row's optional columns (segments, recording, no-speech); none for Hub datasets yet."""
+        return NO_EXTRAS
 
     def duplicates(self) -> list[int]:
         """Indices of rows that repeat an earlier row; only local sources are checked (see LocalSource)."""
@@ -93,12 +115,18 @@ class LocalSource(Source):
                 file_key = f"{stat.st_size}:{stat.st_mtime_ns}"
             except OSError:
                 file_key = "missing"
-            digest.update(json.dumps([item.id, item.path, file_key, item.text]).encode())
+            key = [item.id, item.path, file_key, item.text]
+            if item.extras != NO_EXTRAS:
+                key.append(dataclasses.astuple(item.extras))
+            digest.update(json.dumps(key).encode())
         return digest.hexdigest()
 
     def get(self, index: int) -> tuple[str, str | bytes | None, str | None]:
         item = self.items[index]
         return item.id, item.path, item.text
+
+    def extras(self, index: int) -> Extras:
+        return self.items[index].extras
 
     def duplicates(self) -> list[int]:
         """Rows that name the same audio file (resolved path) with the same transcript (stripped, as
@@ -340,8 +368,31 @@ def _open_manifest(
         if "\x00" in rel:  # from a JSON "\u0000": no path can hold one (and pathlib raises on it)
             raise DataError(f"{where}: {audio_column!r} holds a NUL character, which no file name can")
         audio_path = (base / rel).resolve() if rel else base / EMPTY_PATH
-        items.append(LocalItem(id=rel or EMPTY_PATH, path=str(audio_path), text=text))
+        items.append(LocalItem(id=rel or EMPTY_PATH, path=str(audio_path), text=text, extras=_extras(where, row)))
     return LocalSource(items, description or str(path))
+
+
+TRUE_WORDS, FALSE_WORDS = {"true", "1", "yes"}, {"false", "0", "no", ""}
+
+
+def _extras(where: str, row: dict[str, Any]) -> Extras:
+    """The optional columns of a manifest row; their structure is checked here (a malformed column
+    is a :class:`DataError`), their content (segment times) when the audio is decoded."""
+    segments, recording, no_speech = row.get("segments"), row.get("recording"), row.get("no_speech")
+    if segments is not None and not isinstance(segments, (str, list)):
+        raise DataError(f"{where}: 'segments' is {_kind(segments)}, not a JSON list of {{start, end, text}}")
+    if isinstance(segments, list):  # a JSONL manifest holds the list itself
+        segments = json.dumps(segments)
+    if recording is not None and not isinstance(recording, (str, int)):
+        raise DataError(f"{where}: 'recording' is {_kind(recording)}, not a name")
+    if isinstance(no_speech, str):
+        if no_speech.strip().lower() not in TRUE_WORDS | FALSE_WORDS:
+            raise DataError(f"{where}: 'no_speech' is {no_speech!r}; use true or false")
+        no_speech = no_speech.strip().lower() in TRUE_WORDS
+    elif no_speech is not None and not isinstance(no_speech, bool):
+        raise DataError(f"{where}: 'no_speech' is {_kind(no_speech)}; use true or false")
+    extras = Extras(segments or None, str(recording) if recording not in (None, "") else None, bool(no_speech))
+    return extras if extras != NO_EXTRAS else NO_EXTRAS
 
 
 def _open_hub(

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from toolkit.config import EvaluationConfig
 from toolkit.data.collator import Batch, WhisperCollator
 from toolkit.data.dataset import SpeechDataset
 from toolkit.data.loader import build_loader
+from toolkit.evaluation.signals import count_repeated, share
 from toolkit.evaluation.wer import CorpusCounts
 from toolkit.oom import (
     Backoff,
@@ -44,6 +45,13 @@ from toolkit.oom import (
 )
 
 logger = logging.getLogger(__name__)
+
+RoundFn = Callable[[Any, Any, int, int], tuple[Any, bool]]
+"""One rank's part of a generation round: (run, batch or None, eval batch size, first position) ->
+(outputs, ran out of memory)."""
+GENERATION_ADVICE = ("lower evaluation.max_new_tokens or evaluation.num_beams, or load the model in a smaller mode "
+                     "(bf16/fp16 dtype, int8/nf4 quantization)")
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -145,6 +153,8 @@ class _Evaluation:
     device: torch.device
     dtype: torch.dtype
     counts: CorpusCounts = field(default_factory=CorpusCounts.zero)
+    repeated: int = 0
+    """Hypotheses that repeat a 4-gram 3 or more times (normalised text)."""
     predictions: list[dict[str, str]] = field(default_factory=list)
     filler: Batch | None = None
     """ZeRO-3's throw-away input for a rank with no batch left in a round (built once, on demand)."""
@@ -152,6 +162,7 @@ class _Evaluation:
     def record(self, batch: Batch, hypotheses: list[str]) -> None:
         """Count a round's batch (called only once every rank has agreed that the round succeeded)."""
         self.counts.add_batch(batch.texts, hypotheses, self.normalize)
+        self.repeated += count_repeated([self.normalize(h) for h in hypotheses])
         if self.settings.collect_predictions:
             self.predictions += [
                 {"id": i, "reference": r, "prediction": h}
@@ -171,51 +182,70 @@ def evaluate_model(
     """Transcribe ``dataset`` on all ranks and return the corpus metrics (same on every rank)."""
     state = PartialState()
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    # The first floating-point weight gives device and compute dtype (a quantised base also holds int8).
-    param = next(p for p in model.parameters() if p.is_floating_point())
-    run = _Evaluation(
-        model, dataset, collator, tokenizer, normalize, settings, state,
-        gen_config=generation_config_for(model, max_new_tokens=fitted_max_new_tokens(settings, dataset),
-                                         num_beams=settings.num_beams, static_cache=settings.static_cache),
-        device=param.device, dtype=param.dtype,
+    with evaluating(model) as param:
+        run = _Evaluation(
+            model, dataset, collator, tokenizer, normalize, settings, state,
+            gen_config=generation_config_for(model, max_new_tokens=fitted_max_new_tokens(settings, dataset),
+                                             num_beams=settings.num_beams, static_cache=settings.static_cache),
+            device=param.device, dtype=param.dtype,
+        )
+        size, backoffs = walk_rounds(run, _generate_round, "utterance", GENERATION_ADVICE)
+    summed, predictions = gather_results(
+        state, torch.cat([run.counts.to_tensor(), torch.tensor([run.repeated])]), run.predictions,
+        settings.collect_predictions,
     )
-    size, backoffs = _generate_all(run)
-
-    total = CorpusCounts.from_tensor(reduce(run.counts.to_tensor().to(state.device), reduction="sum").cpu())
-    predictions = run.predictions
-    if state.num_processes > 1 and settings.collect_predictions:
-        predictions = gather_object(predictions)
-    predictions.sort(key=lambda p: p["id"])
+    total = CorpusCounts.from_tensor(summed[:-1])
     seconds = time.perf_counter() - start
-    metrics = {**total.metrics(), "seconds": round(seconds, 3)}
+    metrics = {**total.metrics(), "repetition_rate": share(int(summed[-1]), total.num_samples),
+               "seconds": round(seconds, 3)}
     metrics["utterances_per_second"] = round(total.num_samples / seconds, 3) if seconds > 0 else None
-    if was_training:
-        model.train()
     return EvalResult(metrics, predictions, batch_size=size, backoffs=[b.to_dict() for b in backoffs])
 
 
-def _generate_all(run: _Evaluation) -> tuple[int, list[Backoff]]:
+@contextlib.contextmanager
+def evaluating(model: Any) -> Iterator[torch.nn.Parameter]:
+    """The model in eval mode (train mode again afterwards if it was); yields its first floating-point
+    weight, which gives the device and compute dtype (a quantised base also holds int8)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield next(p for p in model.parameters() if p.is_floating_point())
+    finally:
+        if was_training:
+            model.train()
+
+
+def gather_results(state: PartialState, local: torch.Tensor, predictions: list[dict[str, str]],
+                   collect: bool) -> tuple[torch.Tensor, list[dict[str, str]]]:
+    """This rank's counts summed over all ranks, and (when collected) every rank's prediction rows
+    sorted by id."""
+    summed = reduce(local.to(state.device), reduction="sum").cpu()
+    if state.num_processes > 1 and collect:
+        predictions = gather_object(predictions)
+    predictions.sort(key=lambda p: p["id"])
+    return summed, predictions
+
+
+def walk_rounds(run: Any, decode_round: RoundFn, item: str, advice: str) -> tuple[int, list[Backoff]]:
     """Walk the sorted order in rounds, halving the batch on every agreed out-of-memory error.
 
-    Returns the batch size generation finished with and the back-offs, in order.
+    ``run`` has ``dataset``, ``collator``, ``settings`` and ``state``, and ``record(batch, outputs)``;
+    ``decode_round(run, batch, size, first)`` decodes this rank's batch of a round (``first``: its
+    place in the sorted order) and returns ``(outputs, ran_out_of_memory)``. ``item`` names what is
+    decoded, ``advice`` what to lower when one does not fit. Returns the batch size it finished with and the back-offs.
     """
     order = np.argsort(-run.dataset.durations, kind="stable")
     position, size = 0, run.settings.batch_size
     backoffs: list[Backoff] = []
     while position < len(order):
-        position, failing = _rounds_from(run, order, position, size)
+        position, failing = _rounds_from(run, decode_round, order, position, size)
         if not failing:
             continue  # every round done: position reached the end
         # Out of the except block (its traceback held the failed attempt's tensors): free, then shrink.
         free_memory()
         if size == 1:
             raise OutOfMemoryAtMicroBatchOne(
-                f"generation of one utterance does not fit in memory on rank(s) {failing} (eval batch 1); "
-                f"lower evaluation.max_new_tokens ({run.settings.max_new_tokens}) or evaluation.num_beams "
-                f"({run.settings.num_beams}), or load the model in a smaller mode (bf16/fp16 dtype, int8/nf4 "
-                "quantization)"
+                f"generation of one {item} does not fit in memory on rank(s) {failing} (eval batch 1); {advice}"
             )
         smaller = size // 2
         logger.warning(
@@ -226,31 +256,31 @@ def _generate_all(run: _Evaluation) -> tuple[int, list[Backoff]]:
     return size, backoffs
 
 
-def _rounds_from(run: _Evaluation, order: np.ndarray, position: int, size: int) -> tuple[int, list[int]]:
+def _rounds_from(run: Any, decode_round: RoundFn, order: np.ndarray, position: int, size: int) -> tuple[int, list[int]]:
     """Rounds at ``size`` from ``position`` until the end or a round some rank ran out of memory in.
 
-    Returns the position of the first utterance not yet done and the failing ranks (empty at the end).
+    Returns the position of the first item not yet done and the failing ranks (empty at the end).
     """
-    world = run.state.num_processes
-    # A fresh loader from the first utterance not yet done, at the current size; a back-off drops it
+    world, rank = run.state.num_processes, run.state.process_index
+    # A fresh loader from the first item not yet done, at the current size; a back-off drops it
     # (and its prefetching workers) on return.
-    mine = round_batches(order, position, size, world, run.state.process_index)
+    mine = round_batches(order, position, size, world, rank)
     loader = build_loader(run.dataset, mine, run.collator, num_workers=run.settings.num_workers)
     batches = iter(loader) if mine else iter(())  # no workers to start for a rank with nothing left
     for _ in range(eval_rounds(len(order) - position, size, world)):
         batch = next(batches, None)
-        hypotheses, failed = _generate_round(run, batch, size)
-        # Synced generation raised in _generate_round on any OOM: nothing to agree on.
-        failing = [] if run.settings.synced_gpus else oom_ranks(failed, run.state.device)
+        outputs, failed = decode_round(run, batch, size, position + rank * size)
+        # Synced generation raised in its round on any OOM: nothing to agree on.
+        failing = [] if getattr(run.settings, "synced_gpus", False) else oom_ranks(failed, run.state.device)
         if failing:
             return position, failing
         if batch is not None:
-            run.record(batch, hypotheses)
+            run.record(batch, outputs)
         position = min(position + world * size, len(order))
     return position, []
 
 
-def _generate_round(run: _Evaluation, batch: Batch | None, size: int) -> tuple[list[str] | None, bool]:
+def _generate_round(run: _Evaluation, batch: Batch | None, size: int, first: int) -> tuple[list[str] | None, bool]:
     """This rank's part of one round: ``(hypotheses, False)``, or ``(None, True)`` if it ran out of memory.
 
     ``batch`` is None for a rank with nothing left in the last round; under ZeRO-3 it still steps,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import typing
@@ -16,6 +17,7 @@ from toolkit.config import DataConfig, EvaluationConfig, ModelConfig
 from toolkit.data.collator import WhisperCollator
 from toolkit.data.pipeline import load_split, open_split
 from toolkit.evaluation.generate import EvalResult, GenerationSettings, evaluate_model
+from toolkit.evaluation.longform import LONG_FORM_MAX_SECONDS, LongFormSettings, evaluate_long_form
 from toolkit.evaluation.normalize import make_normalizer
 from toolkit.modeling import load_model, recorded_prompt
 from toolkit.oom import install_injector
@@ -62,6 +64,8 @@ def run_evaluate(
 
     Besides the corpus metrics: ``batch_size``, the eval batch generation finished with (smaller than
     ``evaluation.batch_size`` after an out-of-memory back-off), and ``backoffs``, ``[{"from", "to"}]``.
+    With ``evaluation.long_form`` the eval set holds whole recordings, transcribed by
+    :func:`~toolkit.evaluation.longform.evaluate_long_form` (which adds the window signals).
     """
     state = PartialState()
     source = open_split("eval", data_cfg)  # a bad data spec fails before the model loads
@@ -70,15 +74,24 @@ def run_evaluate(
     model = loaded.model if model_cfg.quantization != "none" else loaded.model.to(state.device)
     install_injector(model, state.process_index)  # test-only TOOLKIT_INJECT_OOM
     tokenizer = loaded.processor.tokenizer
-    split = load_split("eval", data_cfg, tokenizer, source)  # drops references too long to decode
-    collator = WhisperCollator(loaded.processor.feature_extractor, model.config.decoder_start_token_id,
-                               data_cfg.features_on)
-    settings = GenerationSettings.from_config(
-        eval_cfg, num_workers=data_cfg.num_workers, collect_predictions=predictions_path is not None
-    )
-    result: EvalResult = evaluate_model(
-        model, split.dataset, collator, tokenizer, make_normalizer(loaded.english, tokenizer), settings
-    )
+    normalize = make_normalizer(loaded.english, tokenizer)
+    collect = predictions_path is not None
+    if eval_cfg.long_form:
+        # Whole recordings: no 30 s limit, and no tokenizer, so no label-length filter either (the
+        # transcript of a few minutes is longer than the decoder; it is scored, never decoded as one).
+        long_data = dataclasses.replace(data_cfg, max_duration_s=LONG_FORM_MAX_SECONDS)
+        split = load_split("eval", long_data, None, source)
+        result: EvalResult = evaluate_long_form(
+            model, split.dataset, loaded.processor.feature_extractor, tokenizer, normalize,
+            LongFormSettings.from_config(eval_cfg, num_workers=data_cfg.num_workers, collect_predictions=collect),
+        )
+    else:
+        split = load_split("eval", data_cfg, tokenizer, source)  # drops references too long to decode
+        collator = WhisperCollator(loaded.processor.feature_extractor, model.config.decoder_start_token_id,
+                                   data_cfg.features_on)
+        settings = GenerationSettings.from_config(eval_cfg, num_workers=data_cfg.num_workers,
+                                                  collect_predictions=collect)
+        result = evaluate_model(model, split.dataset, collator, tokenizer, normalize, settings)
     metrics = {
         **result.metrics, "skipped": len(split.skips), "world_size": state.num_processes,
         "batch_size": result.batch_size, "backoffs": result.backoffs,

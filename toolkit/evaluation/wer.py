@@ -31,6 +31,14 @@ class ErrorCounts:
             return 0.0 if errors == 0 else float("inf")
         return errors / self.reference_length
 
+    @property
+    def insertion_rate(self) -> float:
+        """Inserted words per reference word (what a hallucinating model adds); a set without
+        reference words has none (:class:`toolkit.evaluation.signals.NoSpeechCounts` scores it)."""
+        if self.reference_length == 0:
+            raise ValueError("insertion_rate needs reference words; a no-speech set is scored with NoSpeechCounts")
+        return round(self.insertions / self.reference_length, 6)
+
     def __add__(self, other: ErrorCounts) -> ErrorCounts:
         return ErrorCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
@@ -84,10 +92,13 @@ class CorpusCounts:
 
     def metrics(self) -> dict[str, float | int]:
         """WER/CER in percent, as Whisper papers and the course report them."""
-        return {
+        metrics = {
             "wer": round(100 * self.words_norm.rate, 4),
             "wer_ortho": round(100 * self.words_ortho.rate, 4),
             "cer": round(100 * self.chars_norm.rate, 4),
             "num_samples": self.num_samples,
             "reference_words": self.words_norm.reference_length,
         }
+        if self.words_norm.reference_length:
+            metrics["insertion_rate"] = self.words_norm.insertion_rate
+        return metrics

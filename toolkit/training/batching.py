@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.config import ConfigError
+from toolkit.data.dataset import Item
 
 logger = logging.getLogger(__name__)
 
@@ -147,18 +148,35 @@ class StepSampler:
         share = plan.per_rank
         return self.step_indices(step, plan)[self.rank * share : (self.rank + 1) * share]
 
-    def micro_batches(self, step: int, plan: BatchPlan, offset: int = 0) -> list[list[Any]]:
+    def step_items(self, step: int, plan: BatchPlan) -> list[Item]:
+        """The units of ``step`` at their stream positions (what label layouts are drawn from); a
+        packed window also names the window before it in the stream, its previous text."""
+        g = plan.global_batch_size
+        units = self.step_indices(step, plan)
+        if self.layout is None:
+            return [Item(int(unit), step * g + i) for i, unit in enumerate(units)]
+        before = [self._unit_at(step * g - 1) if step else None, *units[:-1]]
+        return [Item(unit, step * g + i, prev) for i, (unit, prev) in enumerate(zip(units, before, strict=True))]
+
+    def _unit_at(self, position: int) -> tuple[int, ...]:
+        epoch, offset = self._locate(position)
+        return self._epoch_units(epoch)[offset]
+
+    def micro_items(self, step: int, plan: BatchPlan, offset: int = 0) -> list[list[Item]]:
         """This rank's micro-batches of ``step`` from its ``offset``-th unit on.
 
         A step continued after a back-off starts at the units already done, which need not be a
         multiple of the new micro-batch (20 per rank: micro-batch 5 -> 2); its last micro-batch
         may then be smaller than the others.
         """
-        mine = list(self.rank_indices(step, plan))[offset:]
-        if self.layout is None:
-            mine = [int(i) for i in mine]
+        share = plan.per_rank
+        mine = self.step_items(step, plan)[self.rank * share : (self.rank + 1) * share][offset:]
         m = plan.micro_batch_size
         return [mine[i : i + m] for i in range(0, len(mine), m)]
+
+    def micro_batches(self, step: int, plan: BatchPlan, offset: int = 0) -> list[list[Any]]:
+        """:meth:`micro_items`' units."""
+        return [[item.unit for item in batch] for batch in self.micro_items(step, plan, offset)]
 
     def epoch_of(self, step: int, plan: BatchPlan) -> float:
         position = step * plan.global_batch_size
@@ -176,9 +194,9 @@ class StepBatchSampler:
         self.sampler, self.plan = sampler, plan
         self.start, self.stop, self.skip_samples = start, stop, skip_samples
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[Item]]:
         for step in range(self.start, self.stop):
-            yield from self.sampler.micro_batches(step, self.plan, self.skip_samples if step == self.start else 0)
+            yield from self.sampler.micro_items(step, self.plan, self.skip_samples if step == self.start else 0)
 
     def __len__(self) -> int:
         if self.stop <= self.start:

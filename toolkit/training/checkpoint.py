@@ -47,6 +47,8 @@ class TrainState:
     """The generation batch the last evaluation finished with; later ones start there."""
     eval_backoffs: list[dict[str, int]] = field(default_factory=list)
     eval_history: list[dict[str, Any]] = field(default_factory=list)
+    baseline_eval: dict[str, Any] | None = None
+    """The starting model's metrics (``evaluation.at_start``): kept across resumes, for the guard."""
     nonfinite_steps: list[dict[str, Any]] = field(default_factory=list)
     """Steps whose update was skipped: ``{step, reason, ids}`` (also in ``skipped.jsonl``)."""
     fingerprint: dict[str, Any] = field(default_factory=dict)
@@ -63,11 +65,18 @@ class TrainState:
     def load(cls, directory: Path) -> TrainState:
         return SavedState.read(directory).state
 
+    def evals_since_start(self) -> list[dict[str, Any]]:
+        """Every evaluation in order, the starting model's first when it was evaluated."""
+        start = [{"step": 0, **self.baseline_eval}] if self.baseline_eval is not None else []
+        return start + self.eval_history
+
     def record_eval(self, step: int, metrics: dict[str, Any]) -> bool:
-        """Remember an evaluation; True when it is the best WER so far."""
+        """Remember an evaluation; True when it is the best so far by its ``score`` (the WER, plus the
+        weighted guard metrics: :mod:`toolkit.training.evals`)."""
         self.eval_history.append({"step": step, **metrics})
-        if self.best_metric is None or metrics["wer"] < self.best_metric:
-            self.best_metric, self.best_step = metrics["wer"], step
+        value = metrics.get("score", metrics.get("wer"))
+        if value is not None and (self.best_metric is None or value < self.best_metric):
+            self.best_metric, self.best_step = value, step
             return True
         return False
 

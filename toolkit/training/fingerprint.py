@@ -35,8 +35,8 @@ def data_digest(dataset: SpeechDataset) -> str:
     """A digest of what the training split feeds the model: ids, transcripts, durations and labels."""
     sha = hashlib.sha256()
     sha.update(np.asarray(dataset.durations, dtype=np.float32).tobytes())
-    for column in ("id", "text"):
-        sha.update("\x00".join(str(v) for v in dataset.table[column]).encode())
+    for column in ("id", "text", "segments", "recording"):
+        sha.update("\x00".join(str(v) for v in dataset.table.data.column(column).to_pylist()).encode())
     if dataset.labels is not None:
         sha.update(np.asarray([len(x) for x in dataset.labels], dtype=np.int64).tobytes())
         sha.update(np.concatenate([np.asarray(x, dtype=np.int64) for x in dataset.labels]).tobytes())
@@ -53,6 +53,8 @@ def fingerprint(config: RunConfig, train: SpeechDataset) -> dict[str, Any]:
         values.update({f"lora.{k}": v for k, v in vars(config.lora).items()})
     if config.data.packing:  # only when on: fingerprints of runs from before the key stay equal
         values["data.packing"] = True
+    values["data.timestamp_probability"] = config.data.timestamp_probability
+    values["data.condition_on_prev_probability"] = config.data.condition_on_prev_probability
     values["data.train (content)"] = data_digest(train)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,7 @@ from toolkit.adapters import AdapterCheckpointHooks
 from toolkit.config import ConfigError, RunConfig, dump_config
 from toolkit.data.collator import WhisperCollator
 from toolkit.data.loader import TimedBatches, build_loader
-from toolkit.data.packing import Packer
-from toolkit.data.pipeline import LoadedSplit, load_split, open_split
-from toolkit.data.sources import Source
+from toolkit.data.pipeline import open_split
 from toolkit.distributed import (
     all_reduce_max,
     broadcast_from_main,
@@ -39,22 +36,24 @@ from toolkit.distributed import (
     process_group_kwargs,
     use_cpu,
 )
-from toolkit.evaluation.generate import GenerationSettings, evaluate_model
+from toolkit.evaluation.generate import GenerationSettings
 from toolkit.evaluation.normalize import make_normalizer
 from toolkit.flops import training_flops
 from toolkit.memory.advice import advice_for_run, checkpointing_needed
 from toolkit.modeling import LoadedModel, compile_layers, load_model, trainable_parameters
 from toolkit.oom import Backoff, OutOfMemoryAtMicroBatchOne, free_memory, install_injector
-from toolkit.output import append_skipped, export_model, push_to_hub, write_json, write_skipped
+from toolkit.output import append_skipped, export_model, push_to_hub, write_json
 from toolkit.training import zero
 from toolkit.training.batching import BatchPlan, StepBatchSampler, StepSampler
 from toolkit.training.checkpoint import CheckpointManager, SavedState, TrainState
+from toolkit.training.evals import Evaluator, guard_breach
 from toolkit.training.fingerprint import check_resume, fingerprint
 from toolkit.training.lock import OutputLock
 from toolkit.training.manifest import verify
 from toolkit.training.metrics import MetricsLogger, StepStats, Window, peak_memory_gib, run_peak_flops
 from toolkit.training.optim import build_optimizer, build_scheduler
 from toolkit.training.probe import run_probe
+from toolkit.training.rundata import load_run_data
 from toolkit.training.signals import Preempted, StopSignal
 from toolkit.training.step import NonFiniteTraining, StepParts, StepProgress, TrainStep, step_class
 
@@ -73,12 +72,6 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     )
 
 
-@dataclass
-class RunData:
-    train: LoadedSplit
-    eval: LoadedSplit | None
-
-
 class TrainingRun:
     """One ``train`` invocation: ``TrainingRun(config)``, then :meth:`setup`, then :meth:`run`."""
 
@@ -86,12 +79,13 @@ class TrainingRun:
         self.config = config
         self.out = Path(config.output.dir)
         self.state = TrainState()
-        self.baseline: dict[str, Any] | None = None
         self.metrics: MetricsLogger | None = None
         self.batches: Any = None
         self.backoff_seconds = 0.0
         self.probe_summary: dict[str, Any] | None = None
         self.nonfinite_streak = 0
+        self.stopped_by: str | None = None
+        """Why a guard set stopped the run early (``evaluation.guard[].max_rise``)."""
         self.lock = OutputLock(self.out)
         """Steps in a row whose update was skipped for a non-finite loss or gradient norm."""
 
@@ -120,16 +114,24 @@ class TrainingRun:
             logger.info("gradient checkpointing: %s (auto)", "on" if config.training.gradient_checkpointing else "off")
         with zero.full_weights_at_load(acc):
             self.loaded: LoadedModel = load_model(config.model, config.training, lora_cfg=config.lora, device=acc.device)
-        self.data = self._load_data(sources)
+        skipped = self.out / "skipped.jsonl" if acc.is_main_process else None
+        self.data = load_run_data(config, sources, self.loaded.processor.tokenizer,
+                                  self.loaded.model.config.vocab_size, skipped)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", config.output.keep_checkpoints, acc)
         self.checkpoints.clean_partial()
         # Read once: the plan starts from the micro-batch the run had found, before DeepSpeed is configured with it.
         self.saved: SavedState | None = self.checkpoints.latest_saved()
         self._check_recipe()
         self.plan = self._initial_plan()
-        self.collator = WhisperCollator(self.loaded.processor.feature_extractor,
-                                        self.loaded.model.config.decoder_start_token_id, config.data.features_on)
+        model_cfg = self.loaded.model.config
+        self.collator = WhisperCollator(self.loaded.processor.feature_extractor, model_cfg.decoder_start_token_id,
+                                        config.data.features_on, model_cfg.pad_token_id)
         self.normalize = make_normalizer(self.loaded.english, self.loaded.processor.tokenizer)
+        self.evaluator = Evaluator(
+            config, self.collator, self.loaded.processor.feature_extractor, self.loaded.processor.tokenizer,
+            self.normalize, self.data.eval.dataset if self.data.eval else None,
+            [(guard, split.dataset) for guard, split in zip(config.evaluation.guard, self.data.guards, strict=True)],
+        )
         model = self.loaded.model
         if config.training.compile:
             logger.info("compiled %d layers (torch.compile)", compile_layers(model, zero.zero_stage(acc)))
@@ -175,22 +177,6 @@ class TrainingRun:
             tmp = self.out / f".{name}.tmp"
             tmp.write_text(dump_config(self.config))
             tmp.replace(self.out / name)
-
-    def _load_data(self, sources: dict[str, Source]) -> RunData:
-        tokenizer = self.loaded.processor.tokenizer
-        tick = time.perf_counter()
-        train = load_split("train", self.config.data, tokenizer, sources["train"])
-        self.train_data_seconds = time.perf_counter() - tick
-        # The eval split is scored on text; the tokenizer only filters references too long to decode.
-        evaluation = load_split("eval", self.config.data, tokenizer, sources["eval"]) if "eval" in sources else None
-        if self.accelerator.is_main_process:
-            skips = train.skips + (evaluation.skips if evaluation else [])
-            count = write_skipped(self.out / "skipped.jsonl", skips)
-            if count:
-                logger.info("%d samples left out; see %s", count, self.out / "skipped.jsonl")
-        if self.config.data.packing:
-            train.dataset.packer = Packer.build(train.dataset, tokenizer, self.config.data.max_label_tokens)
-        return RunData(train, evaluation)
 
     def _initial_plan(self) -> BatchPlan:
         cfg = self.config.training
@@ -241,9 +227,10 @@ class TrainingRun:
         tick = time.perf_counter()
         waited = self.batches.waited
         dataset = self.data.train.dataset
-        indices = self.sampler.step_indices(step, self.plan)
-        lengths = [dataset.unit_tokens([unit]) for unit in indices]  # per window: the FLOP count needs them
-        step_tokens = sum(lengths)
+        items = self.sampler.step_items(step, self.plan)
+        indices = [item.unit for item in items]
+        sizes = dataset.item_sizes(items)  # per window: the loss scale and the FLOP count need them
+        step_tokens = sum(tokens for tokens, _ in sizes)
         scale = self.accelerator.num_processes / step_tokens
         progress = StepProgress.start(self.accelerator.device)
         while failed_ranks := self.step.accumulate(self.batches, self.plan, scale, progress):
@@ -258,7 +245,8 @@ class TrainingRun:
             self._skip_step(step, indices, update.skipped)
         else:
             self.nonfinite_streak = 0
-        flops = training_flops(self.loaded.model.config, lengths, self.config.training.gradient_checkpointing)
+        flops = training_flops(self.loaded.model.config, [positions for _, positions in sizes],
+                               self.config.training.gradient_checkpointing)
         return StepStats(progress.loss_sum, step_tokens, len(dataset.unit_clips(indices)), dataset.unit_seconds(indices),
                          time.perf_counter() - tick, update.grad_norm, applied=update.skipped is None,
                          windows=len(indices), flops=flops, loader_seconds=self.batches.waited - waited)
@@ -320,10 +308,11 @@ class TrainingRun:
         return {"micro_batch_size": self.plan.micro_batch_size, "gradient_accumulation_steps": self.plan.accumulation}
 
     def _worst_label_tokens(self) -> int:
-        """The longest label of the training data, within what the decoder takes."""
+        """The most decoder positions a training sample can take (timestamps and prompts included)."""
         dataset = self.data.train.dataset
-        longest = self.config.data.max_label_tokens - 1 if dataset.packer else int(dataset.label_lengths().max())
-        return min(longest, self.loaded.model.config.max_target_positions)
+        assert dataset.targets is not None
+        packed = self.config.data.max_label_tokens if dataset.packer else None
+        return min(dataset.targets.worst_positions(packed), self.loaded.model.config.max_target_positions)
 
     def probe(self) -> None:
         """Find the largest micro-batch that fits a worst-case batch before the first step (:mod:`.probe`)."""
@@ -337,25 +326,26 @@ class TrainingRun:
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
-        """Corpus metrics on the eval split; generation backs off on its own (its memory is not training's)."""
-        assert self.data.eval is not None
+        """Metrics of the eval split and the guard sets; generation backs off on its own (its memory is not training's)."""
         eval_cfg = self.config.evaluation
         batch_size = min(eval_cfg.batch_size, self.state.eval_batch_size or eval_cfg.batch_size)
         settings = GenerationSettings.from_config(
             eval_cfg, batch_size=batch_size, num_workers=self.config.data.num_workers,
             autocast=self.accelerator.autocast, synced_gpus=self.step.synced_generation,
         )
-        result = evaluate_model(
-            self.accelerator.unwrap_model(self.step.model), self.data.eval.dataset, self.collator,
-            self.loaded.processor.tokenizer, self.normalize, settings,
-        )
-        self.state.eval_batch_size = result.batch_size
-        for backoff in result.backoffs:
-            record = {"step": self.state.step, **backoff}
-            self.state.eval_backoffs.append(record)
-            if self.metrics is not None:
-                self.metrics.log(self.state.step, {"eval_backoff": record})
-        return result.metrics
+        metrics, result = self.evaluator.run(self.accelerator.unwrap_model(self.step.model), settings)
+        if result is not None:
+            self.state.eval_batch_size = result.batch_size
+            for backoff in result.backoffs:
+                record = {"step": self.state.step, **backoff}
+                self.state.eval_backoffs.append(record)
+                if self.metrics is not None:
+                    self.metrics.log(self.state.step, {"eval_backoff": record})
+        return metrics
+
+    @property
+    def evaluates(self) -> bool:
+        return self.data.eval is not None or bool(self.data.guards)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -373,10 +363,10 @@ class TrainingRun:
         )
         if acc.is_main_process:
             print(f"effective global batch: {self.plan.describe()}", flush=True)
-        if self.data.eval is not None and self.config.evaluation.at_start and self.state.step == 0:
-            self.baseline = self.evaluate()
-            metrics.log(0, {f"eval/{k}": v for k, v in self.baseline.items()})
-            logger.info("baseline eval: %s", self.baseline)
+        if self.evaluates and self.config.evaluation.at_start and self.state.step == 0:
+            self.state.baseline_eval = baseline = self.evaluate()
+            metrics.log(0, {f"eval/{k}": v for k, v in baseline.items()})
+            logger.info("baseline eval: %s", baseline)
 
         start_step = self.state.step
         window, totals = Window(self.peak_flops), Window(self.peak_flops)
@@ -399,16 +389,18 @@ class TrainingRun:
                         progress.set_postfix(loss=f"{values['loss']:.4f}")
                 is_best = False
                 every = self.config.evaluation.every_steps
-                if self.data.eval is not None and every and (self.state.step % every == 0 or done):
+                if self.evaluates and every and (self.state.step % every == 0 or done):
                     # The train loader's workers stop during the evaluation (its own start); the
                     # sample order is a function of the step, so a new loader goes on exactly.
                     self.batches = None
                     last_eval = self.evaluate()
-                    if not done:
-                        self.batches = TimedBatches(self.train_loader(self.state.step))
                     is_best = self.state.record_eval(self.state.step, last_eval)
                     metrics.log(self.state.step, {f"eval/{k}": v for k, v in last_eval.items()})
                     logger.info("step %d eval: %s", self.state.step, last_eval)
+                    self.stopped_by = guard_breach(self.state.evals_since_start(), self.config.evaluation.guard)
+                    done = done or self.stopped_by is not None
+                    if not done:
+                        self.batches = TimedBatches(self.train_loader(self.state.step))
                 preempt = all_reduce_max(stop.received is not None, acc.device)
                 if is_best or done or preempt or (cfg.save_every and self.state.step % cfg.save_every == 0):
                     self.save_checkpoint()
@@ -417,6 +409,9 @@ class TrainingRun:
                     metrics.close()
                     self.batches = None
                     raise Preempted(self.state.step)
+                if self.stopped_by:
+                    logger.warning("stopping at step %d: %s", self.state.step, self.stopped_by)
+                    break
         progress.close()
         # Shut the train loader's workers down now: not alongside the final evaluation's, and not at
         # interpreter exit (multiprocessing would terminate() them, and they ignore stop signals).
@@ -448,11 +443,11 @@ class TrainingRun:
             else:
                 logger.warning("final model: the last weights, since the best checkpoint %s is damaged (%s)",
                                best, problem)
-        if self.data.eval is not None and last_eval is None:
+        if self.evaluates and last_eval is None:
             last_eval = self.evaluate()
         results: dict[str, Any] = {
             "eval": last_eval,
-            "baseline_eval": self.baseline,
+            "baseline_eval": self.state.baseline_eval,
             "best": {"step": self.state.best_step, "wer": self.state.best_metric},
             "steps": self.state.step,
             "global_batch_size": self.plan.global_batch_size,
@@ -471,7 +466,8 @@ class TrainingRun:
             "train_audio_hours": round(totals.audio / 3600, 4),
             **totals.rates(),
             "train_runtime_s": round(totals.seconds, 2),
-            "skipped": len(self.data.train.skips) + (len(self.data.eval.skips) if self.data.eval else 0),
+            "skipped": sum(len(split.skips) for split in self.data.splits()),
+            "stopped_by_guard": self.stopped_by,
             "final_model": self.config.output.final_model,
         }
         acc.wait_for_everyone()

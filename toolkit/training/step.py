@@ -47,7 +47,9 @@ from toolkit.training.optim import build_scheduler
 def loss_sum(model: Any, batch: Batch, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
     """Summed token cross-entropy of a micro-batch."""
     assert batch.labels is not None
-    decoder_input_ids = shift_tokens_right(batch.labels, pad_token_id, decoder_start_token_id)
+    decoder_input_ids = batch.decoder_input_ids
+    if decoder_input_ids is None:
+        decoder_input_ids = shift_tokens_right(batch.labels, pad_token_id, decoder_start_token_id)
     logits = model(input_features=batch.input_features, decoder_input_ids=decoder_input_ids).logits
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -1,0 +1,56 @@
+"""The data a training run reads: the train split with its label layouts (and packer), the eval
+split, and the regression-guard sets; their skips go to ``skipped.jsonl``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit.config import RunConfig
+from toolkit.data.dataset import attach_targets
+from toolkit.data.packing import Packer
+from toolkit.data.pipeline import LoadedSplit, load_split
+from toolkit.data.sources import Source
+from toolkit.output import write_skipped
+from toolkit.training.evals import load_eval_split, load_guard_split
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    train: LoadedSplit
+    eval: LoadedSplit | None
+    guards: list[LoadedSplit] = field(default_factory=list)
+    """The ``evaluation.guard`` sets' data, in their order."""
+    train_seconds: float = 0.0
+    """Time to load (and preprocess) the train split."""
+
+    def splits(self) -> list[LoadedSplit]:
+        return [self.train, *([self.eval] if self.eval else []), *self.guards]
+
+
+def load_run_data(config: RunConfig, sources: dict[str, Source], tokenizer: Any, vocab_size: int,
+                  skipped: Path | None) -> RunData:
+    """Load every split on every rank; ``skipped``: where the main process writes the skips (None elsewhere)."""
+    tick = time.perf_counter()
+    train = load_split("train", config.data, tokenizer, sources["train"])
+    seconds = time.perf_counter() - tick
+    evaluation = load_eval_split(config, tokenizer, sources["eval"]) if "eval" in sources else None
+    guards = [load_guard_split(config, guard, tokenizer) for guard in config.evaluation.guard]
+    data = RunData(train, evaluation, guards, seconds)
+    if skipped is not None:
+        count = write_skipped(skipped, [skip for split in data.splits() for skip in split.skips])
+        if count:
+            logger.info("%d samples left out; see %s", count, skipped)
+    attach_targets(
+        train.dataset, tokenizer, vocab_size, seed=config.training.seed,
+        timestamp_probability=config.data.timestamp_probability,
+        previous_probability=config.data.condition_on_prev_probability,
+    )
+    if config.data.packing:
+        train.dataset.packer = Packer.build(train.dataset, tokenizer, config.data.max_label_tokens)
+    return data
