@@ -1,5 +1,6 @@
 """The benchmark scripts run: the course-recipe port of ``scripts/bench_seed.py`` (its toolkit side
-faked from a saved record), ``scripts/random_whisper.py`` and ``scripts/bench_compile.py``."""
+faked from a saved record), ``scripts/random_whisper.py``, ``scripts/bench_compile.py`` and
+``scripts/bench_grouping.py``."""
 
 from __future__ import annotations
 
@@ -57,3 +58,14 @@ def test_bench_compile_times_eager_and_compiled_steps(tiny_model: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["eager_step_s"] > 0 and record["compiled_step_s"] > 0 and record["dynamic"] is False
+
+
+def test_bench_grouping_bounds_what_length_grouping_saves(tiny_model: Path, corpus: Path) -> None:
+    result = subprocess.run([sys.executable, "scripts/bench_grouping.py", "--model", str(tiny_model),
+                             "--data", str(corpus / "train"), "--micro", "4", "32"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["micro_batch"] for r in records] == [4, 32]
+    for record in records:  # sorted lengths never pad more than a random order
+        assert record["grouped_flops"] <= record["random_flops"] and 0 <= record["saving_percent"] < 100
