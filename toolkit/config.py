@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
-from toolkit.launch import LaunchInfo
-from toolkit.recipe import ConfigError, apply_override, build_dataclass, read_recipe
+from toolkit.launch import LaunchInfo, check_combinations
+from toolkit.recipe import ConfigError, apply_override, build_dataclass, check_writable_dir, read_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -427,25 +427,6 @@ class OutputConfig:
             raise ConfigError("output.push_to_hub needs output.hub_model_id")
 
 
-def check_writable_dir(key: str, value: str) -> None:
-    """Refuse a directory that this user cannot create or write into, at load time: a run would
-    otherwise find out at its first write, after the model and the data have loaded."""
-    path = Path(value).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{key}: {value} is a file, not a directory")
-    if path.is_symlink() and not path.exists():
-        raise ConfigError(f"{key}: {value} is a broken symbolic link")
-    existing = path
-    while not existing.exists():  # `exists` is False below a file too: the walk stops at that file
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{key}: {value} lies under {existing}, which is a file")
-    # os.access asks the kernel with this process's ids, so another user's directory and a read-only
-    # filesystem are refused (root passes permission bits, not EROFS); creating entries needs "x" too.
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: {value} is not writable ({existing} does not let this user create files)")
-
-
 @dataclass
 class RunConfig:
     """A whole recipe: one section per concern."""
@@ -485,35 +466,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def check_combinations(config: RunConfig, launch: LaunchInfo) -> None:
-    """Refuse mode combinations that cannot work, saying what to use instead."""
-    quant, method = config.model.quantization, config.training.method
-    if quant != "none" and method != "lora":
-        raise ConfigError(
-            f"model.quantization={quant} needs training.method=lora: a quantised base cannot be fully fine-tuned "
-            "(for full fine-tuning on a small card use DeepSpeed ZeRO with offload, see `python -m toolkit plan`)"
-        )
-    if quant != "none" and launch.deepspeed:
-        raise ConfigError(
-            f"model.quantization={quant} cannot run under {launch.description}: ZeRO partitions 16/32-bit tensors, "
-            "not bitsandbytes' quantised ones. Launch LoRA on a quantised base with launch_configs/1gpu.yaml or "
-            "multi_gpu.yaml (it fits a 16 GB card without ZeRO), or use model.quantization=none with ZeRO"
-        )
-    if method == "lora" and launch.deepspeed:
-        raise ConfigError(
-            f"training.method=lora cannot run under {launch.description}: adapters are a few MB, there is "
-            "nothing for ZeRO to shard, and adapter checkpoints assume an unpartitioned model. Launch LoRA with "
-            "launch_configs/1gpu.yaml or multi_gpu.yaml"
-        )
-    if config.training.optimizer == "adamw8bit" and launch.deepspeed:
-        raise ConfigError(
-            f"training.optimizer=adamw8bit cannot run under {launch.description}: ZeRO shards (or offloads) the "
-            "optimizer states itself; use training.optimizer=adamw with DeepSpeed"
-        )
-    if quant == "nf4" and config.model.compute_dtype == "float16" and config.training.mixed_precision == "bf16":
-        raise ConfigError("model.compute_dtype=float16 with training.mixed_precision=bf16: use the same 16-bit type for both")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, *, for_training: bool = True) -> RunConfig:

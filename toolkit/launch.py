@@ -13,8 +13,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from toolkit.recipe import ConfigError
+
+if TYPE_CHECKING:
+    from toolkit.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -64,3 +68,32 @@ class LaunchInfo:
             offload_optimizer=offloaded("offload_optimizer", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"),
             offload_params=offloaded("offload_param", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"),
         )
+
+
+def check_combinations(config: RunConfig, launch: LaunchInfo) -> None:
+    """Refuse mode combinations of ``config`` that cannot run under ``launch``, saying what to use instead."""
+    quant, method = config.model.quantization, config.training.method
+    if quant != "none" and method != "lora":
+        raise ConfigError(
+            f"model.quantization={quant} needs training.method=lora: a quantised base cannot be fully fine-tuned "
+            "(for full fine-tuning on a small card use DeepSpeed ZeRO with offload, see `python -m toolkit plan`)"
+        )
+    if quant != "none" and launch.deepspeed:
+        raise ConfigError(
+            f"model.quantization={quant} cannot run under {launch.description}: ZeRO partitions 16/32-bit tensors, "
+            "not bitsandbytes' quantised ones. Launch LoRA on a quantised base with launch_configs/1gpu.yaml or "
+            "multi_gpu.yaml (it fits a 16 GB card without ZeRO), or use model.quantization=none with ZeRO"
+        )
+    if method == "lora" and launch.deepspeed:
+        raise ConfigError(
+            f"training.method=lora cannot run under {launch.description}: adapters are a few MB, there is "
+            "nothing for ZeRO to shard, and adapter checkpoints assume an unpartitioned model. Launch LoRA with "
+            "launch_configs/1gpu.yaml or multi_gpu.yaml"
+        )
+    if config.training.optimizer == "adamw8bit" and launch.deepspeed:
+        raise ConfigError(
+            f"training.optimizer=adamw8bit cannot run under {launch.description}: ZeRO shards (or offloads) the "
+            "optimizer states itself; use training.optimizer=adamw with DeepSpeed"
+        )
+    if quant == "nf4" and config.model.compute_dtype == "float16" and config.training.mixed_precision == "bf16":
+        raise ConfigError("model.compute_dtype=float16 with training.mixed_precision=bf16: use the same 16-bit type for both")

@@ -1,5 +1,6 @@
-"""Recipe files and overrides: strict YAML reading, ``section.key=value`` overrides, and the
-type-checked construction of the config dataclasses (which :mod:`toolkit.config` defines).
+"""Recipe files and overrides: strict YAML reading, ``section.key=value`` overrides, the
+type-checked construction of the config dataclasses (which :mod:`toolkit.config` defines), and the
+value checks they share with the command line (:func:`check_writable_dir`).
 
 Strict means that every mistake is one line of :class:`ConfigError` naming the file, line or key,
 never a traceback and never a silent choice: a key given twice in one mapping (PyYAML would keep
@@ -13,6 +14,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -216,3 +218,22 @@ def _type_name(hint: Any) -> str:
     if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join("true or false" if a is bool else _type_name(a) for a in args if a is not type(None))
     return getattr(hint, "__name__", str(hint))
+
+
+def check_writable_dir(key: str, value: str) -> None:
+    """Refuse a directory that this user cannot create or write into, at load time: a run would
+    otherwise find out at its first write, after the model and the data have loaded."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}: {value} is a file, not a directory")
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{key}: {value} is a broken symbolic link")
+    existing = path
+    while not existing.exists():  # `exists` is False below a file too: the walk stops at that file
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {value} lies under {existing}, which is a file")
+    # os.access asks the kernel with this process's ids, so another user's directory and a read-only
+    # filesystem are refused (root passes permission bits, not EROFS); creating entries needs "x" too.
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {value} is not writable ({existing} does not let this user create files)")
