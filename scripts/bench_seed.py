@@ -255,7 +255,10 @@ def run_toolkit(args: argparse.Namespace, workdir: Path, name: str, extra: list[
                  # the recipe's optimisation, so that the WERs compare implementations, not settings
                  "training.learning_rate=1e-5", "training.lr_scheduler=constant", f"training.warmup_steps={args.warmup}",
                  "training.micro_batch_size=auto", "evaluation.batch_size=16", "evaluation.max_new_tokens=225",
-                 f"training.mixed_precision={ {'fp32': 'no'}.get(args.precision, args.precision) }"]
+                 f"training.mixed_precision={ {'fp32': 'no'}.get(args.precision, args.precision) }",
+                 # and its samples: one clip per sample, <|notimestamps|> labels, no prompts (variants may
+                 # override these: later overrides win)
+                 "data.packing=false", "data.timestamp_probability=0", "data.condition_on_prev_probability=0"]
     overrides += [f"data.max_train_samples={args.max_train}"] if args.max_train else []
     overrides += [f"data.max_eval_samples={args.max_dev}"] if args.max_dev else []
     cmd = [*launch, "-m", "toolkit", "bench", "--config", "recipes/demo.yaml", *overrides,
