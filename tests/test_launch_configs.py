@@ -2,8 +2,11 @@
 
 The world size each config must produce is asserted from results.json: on a machine without a
 GPU, a wrongly written config silently runs ONE process instead of failing.
-DeepSpeed configs (ds_*.yaml) get their header and JSON checked here; each one trains (and is
-compared with DDP) in tests/training/test_deepspeed.py, so they are not trained a second time here.
+DeepSpeed configs get their header and JSON checked here. The one-machine ones (ds_*.yaml) each
+train (and are compared with DDP) in tests/training/test_deepspeed.py, so they are not trained a
+second time here. Of the multi-node ones, multi_node_zero3.yaml trains here on two "machines" on
+127.0.0.1; multi_node_zero2.yaml trains on two Slurm nodes, a preemption and requeue included, in
+tests/test_slurm.py.
 """
 
 from __future__ import annotations
@@ -57,12 +60,14 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "recipe": write_recipe(root / "recipe.yaml", model, train, dev), "cache": root / "cache"}
 
 
-def launch_env(cache: Path, cpu: bool) -> dict[str, str]:
+def launch_env(cache: Path, cpu: bool, deepspeed: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", WHISPER_TOOLKIT_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("ACCELERATE_USE_CPU", None)
-    if cpu:
+    if cpu and deepspeed:
+        env["DS_ACCELERATOR"] = "cpu"  # never ACCELERATE_USE_CPU=1: accelerate would drop DeepSpeed
+    elif cpu:
         env["ACCELERATE_USE_CPU"] = "1"
     return env
 
@@ -118,13 +123,17 @@ def is_deepspeed(path: Path) -> bool:
     return path.suffix == ".json" or "deepspeed" in path.read_text().lower()
 
 
+def machines(path: Path) -> int:
+    return int(load(path).get("num_machines", 1)) if path.suffix != ".json" else 1
+
+
 def load(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
 def test_launch_configs_exist() -> None:
     names = {p.name for p in CONFIG_FILES}
-    assert {"1gpu.yaml", "multi_gpu.yaml", "multi_node.yaml"} <= names, names
+    assert {"1gpu.yaml", "multi_gpu.yaml", "multi_node.yaml", "multi_node_zero2.yaml", "multi_node_zero3.yaml"} <= names, names
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
@@ -143,13 +152,14 @@ RECIPE_DECIDES = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradien
 
 @pytest.mark.parametrize("path", DS_FILES, ids=lambda p: p.name)
 def test_deepspeed_config_leaves_the_recipe_in_charge(path: Path) -> None:
-    """ds_NAME.yaml points to deepspeed/NAME.json, whose recipe-dependent values are all "auto"."""
+    """ds_NAME.yaml and multi_node_NAME.yaml point to deepspeed/NAME.json, whose recipe-dependent
+    values are all "auto"."""
     config = load(path)
     assert config["distributed_type"] == "DEEPSPEED"
     # accelerate refuses a launch-config mixed_precision next to a deepspeed_config_file
     assert "mixed_precision" not in config
     ds_file = config["deepspeed_config"]["deepspeed_config_file"]
-    assert ds_file == f"launch_configs/deepspeed/{path.stem.removeprefix('ds_')}.json"
+    assert ds_file == f"launch_configs/deepspeed/{path.stem.removeprefix('ds_').removeprefix('multi_node_')}.json"
     ds = json.loads((REPO / ds_file).read_text())
     for key in RECIPE_DECIDES:
         assert ds[key] == "auto", key
@@ -165,13 +175,32 @@ def test_deepspeed_config_leaves_the_recipe_in_charge(path: Path) -> None:
     assert f"DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 accelerate launch --config_file launch_configs/{path.name}" in path.read_text()
 
 
+@pytest.mark.parametrize("path", DS_FILES, ids=lambda p: p.name)
+def test_deepspeed_multi_node_config_uses_the_standard_launcher(path: Path) -> None:
+    """On several machines accelerate 1.15 runs DeepSpeed's own launcher (pdsh: ssh to a hostfile's
+    hosts) unless deepspeed_multinode_launcher is 'standard', which starts torchrun on this machine
+    only: the one `accelerate launch` per node that slurm/train.sbatch runs under srun."""
+    config = load(path)
+    launcher = config["deepspeed_config"].get("deepspeed_multinode_launcher")
+    if machines(path) == 1:
+        assert launcher is None, "one-machine DeepSpeed configs leave the multi-node launcher unset"
+        return
+    assert launcher == "standard"
+    assert config["rdzv_backend"] == "static" and config["same_network"] is True  # master_addr/port, as multi_node.yaml
+    text = path.read_text()
+    assert f"LAUNCH_CONFIG=launch_configs/{path.name}" in text, "header must show the sbatch command"
+    assert "--num_machines $NNODES --machine_rank $NODE_RANK" in text
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
 def test_launch_config_trains(path: Path, tiny_run: dict[str, Path]) -> None:
-    if is_deepspeed(path):
+    if is_deepspeed(path) and machines(path) == 1:
         pytest.skip("DeepSpeed config: trained and compared with DDP in tests/training/test_deepspeed.py")
+    if path.name == "multi_node_zero2.yaml":
+        pytest.skip("trained on 2 Slurm nodes, preemption included, in tests/test_slurm.py")
     config = load(path)
     kind = str(config.get("distributed_type", "NO"))
-    machines = int(config.get("num_machines", 1))
+    nodes = machines(path)
     out = tiny_run["root"] / f"out-{path.stem}"
     recipe = tiny_run["recipe"]
     logs = [tiny_run["root"] / f"{path.stem}-{i}.log" for i in range(2)]
@@ -179,15 +208,15 @@ def test_launch_config_trains(path: Path, tiny_run: dict[str, Path]) -> None:
         env = launch_env(tiny_run["cache"], cpu=False)
         run_all([accelerate_cmd(path, [], recipe, out)], env, logs[:1])
         expected = 1
-    elif kind == "MULTI_GPU" and machines == 1:
+    elif kind == "MULTI_GPU" and nodes == 1:
         # CPU stand-in for "all GPUs of one machine": 2 processes over gloo
         env = launch_env(tiny_run["cache"], cpu=True)
         flags = ["--num_processes", "2", "--main_process_port", "0"]
         run_all([accelerate_cmd(path, flags, recipe, out)], env, logs[:1])
         expected = 2
-    elif kind == "MULTI_GPU":
+    elif kind in ("MULTI_GPU", "DEEPSPEED"):
         # two "machines" on 127.0.0.1, one process each, as slurm/train.sbatch launches them
-        env = launch_env(tiny_run["cache"], cpu=True)
+        env = launch_env(tiny_run["cache"], cpu=True, deepspeed=kind == "DEEPSPEED")
         port = free_port()
         commands = [
             accelerate_cmd(path, ["--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
@@ -202,6 +231,11 @@ def test_launch_config_trains(path: Path, tiny_run: dict[str, Path]) -> None:
     assert results["world_size"] == expected, results
     assert results["steps"] == 2
     assert results["global_batch_size"] == 4
+    if kind == "DEEPSPEED":  # DeepSpeed's checkpoint, one optimizer partition per rank: not DDP in disguise
+        from toolkit.training.zero import checkpoint_layout
+
+        stage = json.loads((REPO / config["deepspeed_config"]["deepspeed_config_file"]).read_text())["zero_optimization"]["stage"]
+        assert checkpoint_layout(out / "checkpoints" / "checkpoint-2") == (stage, 2)
 
 
 def test_recipe_mixed_precision_beats_launch_config(tiny_run: dict[str, Path]) -> None:

@@ -1,5 +1,9 @@
 """slurm/train.sbatch and slurm/evaluate.sbatch on a real Slurm cluster, in CPU mode.
 
+train.sbatch runs with two launch configs, DDP (multi_node.yaml) and DeepSpeed ZeRO-2 across the
+nodes (multi_node_zero2.yaml, DS_ACCELERATOR=cpu), each once to completion and once preempted and
+requeued.
+
 Needs a cluster with at least two idle nodes; on a single machine `scripts/slurm_local_cluster.sh`
 starts one (two virtual nodes n1, n2). Without one, these tests skip (they fail instead when
 TOOLKIT_REQUIRE_SLURM=1, as CI sets after starting the cluster). output.dir and the test data live
@@ -23,6 +27,7 @@ from tests.conftest import write_audiofolder
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 300
+ZERO2 = "launch_configs/multi_node_zero2.yaml"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 NO_CLUSTER = "no Slurm cluster: run scripts/slurm_local_cluster.sh (as root) to start a local 2-node one"
 # CI sets this after starting the cluster, so that a broken cluster fails instead of skipping
@@ -91,6 +96,14 @@ def job_env(tiny: dict[str, Path]) -> dict[str, str]:
     return env
 
 
+def zero2_env(tiny: dict[str, Path]) -> dict[str, str]:
+    """DeepSpeed ZeRO-2 over the nodes; TOOLKIT_CPU=1 stays: train.sbatch must turn it into
+    DS_ACCELERATOR=cpu, not ACCELERATE_USE_CPU=1 (set here too, as a careless submitter's shell might)."""
+    env = job_env(tiny)
+    env.update(LAUNCH_CONFIG=ZERO2, ACCELERATE_USE_CPU="1")
+    return env
+
+
 def submit(script: str, sbatch_args: list[str], args: list[str], env: dict[str, str]) -> str:
     proc = subprocess.run(["sbatch", "--parsable", *sbatch_args, script, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
@@ -119,6 +132,34 @@ def tail(log: Path, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def train_steps(run: Path) -> list[int]:
+    return [line["step"] for line in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in line]
+
+
+def deepspeed_layout(run: Path, step: int) -> tuple[int | None, int]:
+    from toolkit.training.zero import checkpoint_layout
+
+    return checkpoint_layout(run / "checkpoints" / f"checkpoint-{step}")
+
+
+def preempt(tiny: dict[str, Path], name: str, max_steps: int, env: dict[str, str]) -> tuple[Path, Path, dict[str, str]]:
+    """Submit a 2-node training job, send USR1 to its batch shell once training has begun (as
+    --signal=B:USR1@120 does before the time limit) and wait for the requeued job to end."""
+    out, log = tiny["root"] / f"run-{name}", tiny["root"] / f"train-{name}.log"
+    job = submit("slurm/train.sbatch", ["--nodes=2", f"--output={log}"],
+                 [f"output.dir={out}", f"training.max_steps={max_steps}"], env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (metrics.exists() and metrics.read_text().strip()):  # training has begun
+        info = job_info(job)
+        if info.get("JobState") in TERMINAL or time.monotonic() > deadline:
+            subprocess.run(["scancel", job], timeout=30)
+            pytest.fail(f"job {job} never started training ({info.get('JobState')}):\n{tail(log)}")
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    return out, log, wait_job(job, log)
+
+
 def test_train_sbatch_two_nodes(tiny: dict[str, Path]) -> None:
     out, log = tiny["root"] / "run-2nodes", tiny["root"] / "train-2nodes.log"
     job = submit("slurm/train.sbatch", ["--nodes=2", f"--output={log}"], [f"output.dir={out}"], job_env(tiny))
@@ -132,20 +173,8 @@ def test_train_sbatch_two_nodes(tiny: dict[str, Path]) -> None:
 def test_train_sbatch_requeues_on_preemption(tiny: dict[str, Path]) -> None:
     """USR1 to the batch shell (as --signal=B:USR1@120 sends before the time limit): checkpoint,
     exit 75, `scontrol requeue`, and the restarted job resumes and finishes."""
-    out, log = tiny["root"] / "run-preempt", tiny["root"] / "train-preempt.log"
     max_steps = 40  # the stop signal comes after step 1: leaves ~20 s of steps to interrupt
-    job = submit("slurm/train.sbatch", ["--nodes=2", f"--output={log}"],
-                 [f"output.dir={out}", f"training.max_steps={max_steps}"], job_env(tiny))
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not (metrics.exists() and metrics.read_text().strip()):  # training has begun
-        info = job_info(job)
-        if info.get("JobState") in TERMINAL or time.monotonic() > deadline:
-            subprocess.run(["scancel", job], timeout=30)
-            pytest.fail(f"job {job} never started training ({info.get('JobState')}):\n{tail(log)}")
-        time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
-    info = wait_job(job, log)
+    out, log, info = preempt(tiny, "preempt", max_steps, job_env(tiny))
     text = log.read_text(errors="replace")
     assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}:\n{tail(log)}"
     assert int(info["Restarts"]) == 1, f"job was not requeued:\n{tail(log)}"
@@ -154,6 +183,45 @@ def test_train_sbatch_requeues_on_preemption(tiny: dict[str, Path]) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2
     assert results["steps"] == max_steps
+
+
+def test_train_sbatch_two_nodes_zero2(tiny: dict[str, Path]) -> None:
+    """DeepSpeed ZeRO-2 across 2 nodes: one `accelerate launch` per node (the 'standard' launcher)."""
+    out, log = tiny["root"] / "run-zero2", tiny["root"] / "train-zero2.log"
+    job = submit("slurm/train.sbatch", ["--nodes=2", f"--output={log}"], [f"output.dir={out}"], zero2_env(tiny))
+    info = wait_job(job, log)
+    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}:\n{tail(log)}"
+    assert f"launch config {ZERO2} (DeepSpeed)" in log.read_text(errors="replace"), tail(log)
+    results = json.loads((out / "results.json").read_text())
+    assert (results["world_size"], results["steps"]) == (2, 2), results
+    # ZeRO-2 shards, one optimizer partition per rank: DeepSpeed really ran (not dropped for plain DDP)
+    assert deepspeed_layout(out, 2) == (2, 2)
+
+
+def test_train_sbatch_zero2_requeues_on_preemption(tiny: dict[str, Path]) -> None:
+    """The preemption path of test_train_sbatch_requeues_on_preemption under ZeRO-2 on 2 nodes:
+    every rank writes its DeepSpeed shards, the requeued job loads them and ends at max_steps."""
+    max_steps = 30  # the stop signal comes after step 1 or 2: ~0.6 s a step here leaves ~15 s to interrupt
+    out, log, info = preempt(tiny, "preempt-zero2", max_steps, zero2_env(tiny))
+    text = log.read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}:\n{tail(log)}"
+    assert int(info["Restarts"]) == 1, f"job was not requeued:\n{tail(log)}"
+    assert "preempted (exit 75): requeueing" in text, tail(log)
+    assert "resumed from" in text, tail(log)
+    results = json.loads((out / "results.json").read_text())
+    assert (results["world_size"], results["steps"]) == (2, max_steps), results
+    assert train_steps(out) == list(range(1, max_steps + 1)), "a step was lost or repeated by the resume"
+    assert deepspeed_layout(out, max_steps) == (2, 2)
+
+
+def test_train_sbatch_refuses_a_one_machine_deepspeed_config_on_two_nodes(tiny: dict[str, Path]) -> None:
+    """ds_zero2.yaml has no 'standard' multi-node launcher: accelerate would run pdsh (ssh) on 2 nodes."""
+    out, log = tiny["root"] / "run-ds-refused", tiny["root"] / "train-ds-refused.log"
+    env = {**zero2_env(tiny), "LAUNCH_CONFIG": "launch_configs/ds_zero2.yaml"}
+    info = wait_job(submit("slurm/train.sbatch", ["--nodes=2", f"--output={log}"], [f"output.dir={out}"], env), log)
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("2:"), f"{info}:\n{tail(log)}"
+    assert "use launch_configs/multi_node_zero2.yaml or multi_node_zero3.yaml" in log.read_text(), tail(log)
+    assert not out.exists()
 
 
 def test_evaluate_sbatch(tiny: dict[str, Path]) -> None:

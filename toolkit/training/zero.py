@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-2/3 (and CPU offload) under the toolkit's own loop.
 
-Launched with ``launch_configs/ds_*.yaml``, accelerate wraps the model in a DeepSpeed engine. The
-loop stays the same; this module holds what differs (checked with accelerate 1.15, DeepSpeed 0.19):
+Launched with ``launch_configs/ds_*.yaml`` (``multi_node_zero*.yaml`` across nodes), accelerate wraps
+the model in a DeepSpeed engine. The loop stays the same; this module holds what differs (checked
+with accelerate 1.15, DeepSpeed 0.19):
 
 * **"auto" values.** accelerate fills ``train_micro_batch_size_per_gpu`` from a *prepared train
   DataLoader*; the loop prepares none (its sampler is step-addressed), so :func:`fill_config` writes
