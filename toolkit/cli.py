@@ -1,4 +1,4 @@
-"""Command line: ``python -m toolkit {train,evaluate,bench,synth,plan}`` (also ``whisper-toolkit``).
+"""Command line: ``python -m toolkit {train,evaluate,bench,synth,prepare,plan}`` (also ``whisper-toolkit``).
 
 Every command runs alone or under ``accelerate launch``; the launch decides the world size.
 """
@@ -82,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="espeak-ng processes at once")
     synth.add_argument("--overwrite", action="store_true", help="replace existing splits and sets")
+
+    prepare = sub.add_parser("prepare", help="decode a source once into WebDataset tar shards plus an index")
+    prepare.add_argument("--data", required=True, help="an audiofolder, a manifest or a Hub dataset id")
+    prepare.add_argument("--out", required=True, help="directory for index.json, skipped.jsonl and the tar shards")
+    prepare.add_argument("--shard-size", type=int, default=1000, help="source rows per shard")
+    prepare.add_argument("--split", default="train", help="Hub split, or an audiofolder's split sub-directory")
+    prepare.add_argument("--hub-config", default=None, help="Hub dataset configuration")
+    prepare.add_argument("--text-column", default="sentence", help="transcript column")
+    prepare.add_argument("--audio-column", default=None, help="audio column (default: auto-detected)")
+    prepare.add_argument("--max-duration-s", type=float, default=30.0,
+                         help="longer clips are dropped, longer recordings with segments cut into windows")
+    prepare.add_argument("--language", default=None, help="language of every sample (multi-corpus runs)")
+    prepare.add_argument("--max-samples", type=int, default=None, help="only the first N source rows")
+    prepare.add_argument("--num-proc", type=int, default=1, help="worker processes of this task")
+    prepare.add_argument("--task", type=int, default=0, help="this task's number (a Slurm array's task id)")
+    prepare.add_argument("--tasks", type=int, default=1, help="tasks sharing the work (a Slurm array's task count)")
 
     plan = sub.add_parser("plan", help="estimate peak GPU memory per training mode; recommend the fastest that fits")
     from toolkit.memory.report import add_arguments as add_plan_arguments
@@ -234,6 +250,11 @@ def _run(argv: list[str] | None) -> int:
                 jobs=args.jobs, overwrite=args.overwrite, progress=progress,
             )
             print(json.dumps(summary), flush=True)
+        elif args.command == "prepare":
+            setup_logging(args.verbose)
+            from toolkit.data.prepare import run_cli as run_prepare
+
+            return run_prepare(args)
         elif args.command == "plan":
             from toolkit.memory.report import run_cli as run_plan
 

@@ -19,6 +19,6 @@ def test_flac_bytes_that_end_in_nul_reach_the_decoder_whole(monkeypatch: pytest.
     )
     seen: list[bytes] = []
     monkeypatch.setattr(dataset_module.pcm_codec, "decode", lambda data: seen.append(data) or np.zeros(1, np.int16))
-    dataset = dataset_module.SpeechDataset(table, np.arange(1), None, np.ones(1, dtype=np.float32))
+    dataset = dataset_module.SpeechDataset(dataset_module.ArrowClips(table), np.arange(1), None, np.ones(1, dtype=np.float32))
     assert dataset[0].text == "x" and dataset[0].scale == 1.0
     assert seen[0] == stream and isinstance(seen[0], bytes)

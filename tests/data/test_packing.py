@@ -12,7 +12,7 @@ import soundfile as sf
 from tests.conftest import SHARED_MODEL, write_clip
 from toolkit.data import pcm as pcm_codec
 from toolkit.data.audio import SAMPLING_RATE
-from toolkit.data.dataset import SpeechDataset, build_dataset
+from toolkit.data.dataset import ArrowClips, SpeechDataset, build_dataset
 from toolkit.data.packing import GAP_SECONDS, WINDOW_SECONDS, Packer, pack
 from toolkit.data.preprocess import prepare_split
 from toolkit.data.sources import open_source
@@ -78,7 +78,7 @@ def real_tokenizer() -> Any:
 
 
 def packed_dataset(prepared: Any, tokenizer: Any, max_label_tokens: int = 448) -> SpeechDataset:
-    dataset, skips = build_dataset(prepared, tokenizer, max_label_tokens=max_label_tokens)
+    dataset, skips = build_dataset(ArrowClips(prepared.dataset), tokenizer, max_label_tokens=max_label_tokens)
     assert skips == [] and len(dataset) == len(CLIPS)
     dataset.packer = Packer.build(dataset, tokenizer, max_label_tokens)
     return dataset
@@ -194,7 +194,7 @@ def test_window_labels_real_tokenizer(prepared: Any, real_tokenizer: Any) -> Non
 
 
 def test_packing_needs_labels(prepared: Any, tokenizer: Any) -> None:
-    dataset, _ = build_dataset(prepared, tokenizer, keep_labels=False)
+    dataset, _ = build_dataset(ArrowClips(prepared.dataset), tokenizer, keep_labels=False)
     with pytest.raises(ValueError, match="packing needs a dataset with labels"):
         Packer.build(dataset, tokenizer, 448)
 
@@ -313,7 +313,7 @@ def test_packed_timestamped_label_token_by_token(prepared: Any, tokenizer: Any, 
     it) plus its own speech bounds, on the 0.02 s grid."""
     from toolkit.data.dataset import Item, attach_targets
 
-    dataset, _ = build_dataset(prepared, tokenizer)
+    dataset, _ = build_dataset(ArrowClips(prepared.dataset), tokenizer)
     attach_targets(dataset, tokenizer, len(tokenizer), seed=0, timestamp_probability=1.0, previous_probability=0.0)
     dataset.packer = Packer.build(dataset, tokenizer, 448)
     example = dataset[Item(unit, position=3)]

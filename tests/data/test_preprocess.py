@@ -13,7 +13,7 @@ from tests.conftest import write_audiofolder, write_clip
 from toolkit.config import DataConfig
 from toolkit.data import pcm, preprocess
 from toolkit.data.audio import SAMPLING_RATE, decode_audio
-from toolkit.data.dataset import build_dataset
+from toolkit.data.dataset import ArrowClips, build_dataset
 from toolkit.data.pipeline import load_split
 from toolkit.data.preprocess import prepare_split
 from toolkit.data.sources import DataError, open_source
@@ -126,7 +126,7 @@ def test_label_length_filter(tmp_path: Path, tiny_model: Path) -> None:
     tokenizer = WhisperTokenizer.from_pretrained(tiny_model)
     root = write_audiofolder(tmp_path / "af", 4)
     prepared = prepare_split(open_source(str(root), split="", text_column="sentence"), "train", tmp_path / "c")
-    dataset, skips = build_dataset(prepared, tokenizer, max_label_tokens=38)
+    dataset, skips = build_dataset(ArrowClips(prepared.dataset), tokenizer, max_label_tokens=38)
     # Byte-level: 1 token per character + 3 special tokens: 47 and 40 tokens are over 38; 31 and 36 fit.
     assert [s.id for s in skips] == ["clip-000.flac", "clip-002.flac"]
     assert all(s.kind == "filtered" and "label longer than 38 tokens" in s.reason for s in skips)
@@ -183,7 +183,7 @@ def test_every_cached_clip_loads_even_one_that_resamples_to_nothing(tmp_path: Pa
     with (root / "metadata.csv").open("a") as handle:
         handle.write("tick.wav,a one-sample clip\n")
     prepared = prepare_split(open_source(str(root), split="", text_column="sentence"), "train", tmp_path / "cache")
-    dataset, _ = build_dataset(prepared, None)
+    dataset, _ = build_dataset(ArrowClips(prepared.dataset), None)
     assert [(s.id, s.reason) for s in prepared.skips] == [("tick.wav", "empty audio (0 samples once resampled from 44100 Hz)")]
     for index in range(len(dataset)):
         assert dataset[index].pcm.dtype == np.int16

@@ -15,7 +15,7 @@ import torch
 
 from toolkit.config import ConfigError
 from toolkit.data.collator import IGNORE_INDEX, WhisperCollator, pad_labels
-from toolkit.data.dataset import Example
+from toolkit.data.dataset import ArrowClips, Example
 from toolkit.data.segments import Segment, SegmentError, cut_windows, parse_segments
 from toolkit.data.targets import Special, Targets, draw
 from toolkit.testing import tiny_tokenizer
@@ -225,7 +225,7 @@ def test_dataset_items_get_drawn_layouts_and_the_recording_s_previous_window(tmp
     segments = [{"start": 1 + 10 * i, "end": 9 + 10 * i, "text": f"part {i}"} for i in range(6)]
     (root / "metadata.csv").write_text(f"file_name,sentence,segments\nlong.flac,whole,\"{json.dumps(segments).replace(chr(34), chr(34) * 2)}\"\n")
     prepared = prepare_split(open_source(str(root), split="", text_column="sentence"), "train", tmp_path / "cache")
-    dataset, _ = build_dataset(prepared, tokenizer)
+    dataset, _ = build_dataset(ArrowClips(prepared.dataset), tokenizer)
     targets = attach_targets(dataset, tokenizer, len(tokenizer), seed=0, timestamp_probability=1.0,
                              previous_probability=1.0)
     assert targets.previous.tolist() == [-1, 0]

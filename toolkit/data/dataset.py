@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 
 from toolkit.config import WHISPER_MAX_TARGET_POSITIONS
 from toolkit.data import pcm as pcm_codec
-from toolkit.data.preprocess import PreparedSplit, Skip
+from toolkit.data.preprocess import Skip
 from toolkit.data.segments import Segment, from_json
 from toolkit.data.targets import Special, Targets
 
@@ -55,13 +57,43 @@ class Example:
         return pcm_codec.to_float(self.pcm, self.scale)
 
 
-class SpeechDataset(torch.utils.data.Dataset):
-    """Indexable view of a prepared split; ``rows`` selects which cached rows are used."""
+class ClipTable(Protocol):
+    """Prepared clips: their metadata as an Arrow table, their audio one row at a time.
 
-    def __init__(self, table: Any, rows: np.ndarray, labels: list[list[int]] | None, durations: np.ndarray):
+    ``meta`` has the columns ``id``, ``text``, ``duration``, ``scale``, ``segments``, ``recording`` and
+    ``no_speech`` (the preprocessing cache's, :func:`toolkit.data.preprocess.features`, less the audio).
+    """
+
+    meta: pa.Table
+
+    def __len__(self) -> int: ...
+
+    def audio(self, row: int) -> bytes:
+        """The row's 16-bit FLAC bytes."""
+        ...
+
+
+class ArrowClips:
+    """The preprocessing cache (a ``datasets.Dataset`` of chunks) as a :class:`ClipTable`."""
+
+    def __init__(self, dataset: datasets.Dataset):
+        self.meta = dataset.data.table.drop_columns(["flac"])
         # Python objects, not numpy: numpy's bytes scalars drop trailing NUL bytes, which truncates
         # any FLAC stream that happens to end in one.
-        self.table = table.with_format(None, columns=["id", "flac", "scale", "text", "segments"])
+        self._audio = dataset.with_format(None, columns=["flac"])
+
+    def __len__(self) -> int:
+        return self.meta.num_rows
+
+    def audio(self, row: int) -> bytes:
+        return self._audio[row]["flac"]
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Indexable view of a prepared split; ``rows`` selects which of the table's rows are used."""
+
+    def __init__(self, table: ClipTable, rows: np.ndarray, labels: list[list[int]] | None, durations: np.ndarray):
+        self.table = table
         self.rows = rows
         self.labels = labels
         self.durations = durations
@@ -77,10 +109,11 @@ class SpeechDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def clip(self, index: int) -> Example:
-        row = self.table[int(self.rows[index])]
+        row = int(self.rows[index])
+        meta = self.table.meta.slice(row, 1).select(["id", "scale", "text", "segments"]).to_pylist()[0]
         labels = self.labels[index] if self.labels is not None else None
-        return Example(str(row["id"]), pcm_codec.decode(row["flac"]), float(row["scale"]), str(row["text"]), labels,
-                       from_json(row["segments"]))
+        return Example(str(meta["id"]), pcm_codec.decode(self.table.audio(row)), float(meta["scale"]),
+                       str(meta["text"]), labels, from_json(meta["segments"]))
 
     def __getitem__(self, key: Unit | Item) -> Example:
         unit = key.unit if isinstance(key, Item) else key
@@ -119,8 +152,14 @@ class SpeechDataset(torch.utils.data.Dataset):
         """Speech seconds in ``units`` (gaps between packed clips not counted)."""
         return float(self.durations[self.unit_clips(units)].sum())
 
+    def will_need(self, units: Sequence[Unit]) -> None:
+        """Hint that ``units`` come soon: a table of remote shards starts fetching theirs."""
+        hint = getattr(self.table, "will_need", None)
+        if hint is not None and len(units):
+            hint(self.rows[self.unit_clips(units)])
+
     def clip_ids(self, units: Sequence[Unit]) -> list[str]:
-        ids = self.table.data.column("id")  # the Arrow column: no audio decoded
+        ids = self.table.meta.column("id")
         return [ids[int(self.rows[i])].as_py() for i in self.unit_clips(units)]
 
     def _lengths(self) -> np.ndarray:
@@ -130,7 +169,7 @@ class SpeechDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(
-    prepared: PreparedSplit,
+    table: ClipTable,
     tokenizer: Any | None,
     *,
     max_label_tokens: int = WHISPER_MAX_TARGET_POSITIONS,
@@ -142,14 +181,12 @@ def build_dataset(
     ``keep_labels=False`` (evaluation data) filters the same way but keeps text only: an eval split is
     scored on generated text, and a reference too long for the decoder would only dominate its WER.
     """
-    table = prepared.dataset
-    durations = np.asarray(table["duration"], dtype=np.float32)
+    durations = table.meta.column("duration").to_numpy().astype(np.float32)
     if tokenizer is None:
         return SpeechDataset(table, np.arange(len(table)), None, durations), []
-    texts = table["text"]
-    ids = tokenizer(list(texts)).input_ids
+    ids = tokenizer(table.meta.column("text").to_pylist()).input_ids
     keep, labels, skips = [], [], []
-    item_ids = table["id"]
+    item_ids = table.meta.column("id").to_pylist()
     for row, tokens in enumerate(ids):
         if len(tokens) > max_label_tokens:
             skips.append(Skip(split, item_ids[row], f"label longer than {max_label_tokens} tokens ({len(tokens)})", "filtered"))
@@ -177,7 +214,7 @@ def attach_targets(dataset: SpeechDataset, tokenizer: Any, vocab_size: int, *, s
     if dataset.labels is None:
         raise ValueError("label layouts need a dataset with labels")
     special = Special.from_tokenizer(tokenizer, vocab_size, timestamps=timestamp_probability > 0)
-    table = dataset.table.data
+    table = dataset.table.meta
     rows = dataset.rows.tolist()
     texts = table.column("text").to_pylist()
     spaced = tokenizer([" " + str(texts[r]).lstrip() for r in rows], add_special_tokens=False).input_ids if rows else []

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.config import ConfigError
-from toolkit.data.dataset import Item
+from toolkit.data.dataset import Item, Unit
 
 logger = logging.getLogger(__name__)
 
@@ -186,16 +186,28 @@ class StepSampler:
         return epoch + offset / len(self._epoch_units(epoch))
 
 
+PREFETCH_STEPS = 2
+"""Steps ahead whose units ``will_need`` hears of (remote shards are fetched that far ahead)."""
+
+
 class StepBatchSampler:
     """A DataLoader ``batch_sampler`` that yields this rank's micro-batches for steps ``[start, stop)``."""
 
-    def __init__(self, sampler: StepSampler, plan: BatchPlan, start: int, stop: int, skip_samples: int = 0):
-        """``skip_samples``: this rank's samples of step ``start`` already done (a step continued after a back-off)."""
+    def __init__(self, sampler: StepSampler, plan: BatchPlan, start: int, stop: int, skip_samples: int = 0,
+                 will_need: Callable[[list[Unit]], None] | None = None):
+        """``skip_samples``: this rank's samples of step ``start`` already done (a step continued after a
+        back-off). ``will_need``: told, as each step starts, this rank's units of the next steps."""
         self.sampler, self.plan = sampler, plan
         self.start, self.stop, self.skip_samples = start, stop, skip_samples
+        self.will_need = will_need
 
     def __iter__(self) -> Iterator[list[Item]]:
         for step in range(self.start, self.stop):
+            if self.will_need is not None:
+                ahead = range(step if step == self.start else step + PREFETCH_STEPS,
+                              min(step + PREFETCH_STEPS + 1, self.stop))
+                self.will_need([item.unit for s in ahead for batch in self.sampler.micro_items(s, self.plan)
+                                for item in batch])
             yield from self.sampler.micro_items(step, self.plan, self.skip_samples if step == self.start else 0)
 
     def __len__(self) -> int:

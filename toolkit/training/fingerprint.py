@@ -36,7 +36,7 @@ def data_digest(dataset: SpeechDataset) -> str:
     sha = hashlib.sha256()
     sha.update(np.asarray(dataset.durations, dtype=np.float32).tobytes())
     for column in ("id", "text", "segments", "recording"):
-        sha.update("\x00".join(str(v) for v in dataset.table.data.column(column).to_pylist()).encode())
+        sha.update("\x00".join(str(v) for v in dataset.table.meta.column(column).to_pylist()).encode())
     if dataset.labels is not None:
         sha.update(np.asarray([len(x) for x in dataset.labels], dtype=np.int64).tobytes())
         sha.update(np.concatenate([np.asarray(x, dtype=np.int64) for x in dataset.labels]).tobytes())

@@ -207,7 +207,8 @@ class TrainingRun:
     def train_loader(self, start: int, skip_samples: int = 0) -> torch.utils.data.DataLoader:
         return build_loader(
             self.data.train.dataset,
-            StepBatchSampler(self.sampler, self.plan, start, self.config.training.max_steps, skip_samples),
+            StepBatchSampler(self.sampler, self.plan, start, self.config.training.max_steps, skip_samples,
+                             will_need=self.data.train.dataset.will_need),
             self.collator,
             num_workers=self.config.data.num_workers,
             # Its own generator: creating the iterator draws a worker seed, which must not consume
