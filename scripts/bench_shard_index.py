@@ -108,7 +108,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     stage("tokenize")
     vocab_size = json.loads((Path(args.tokenizer) / "config.json").read_text())["vocab_size"]
     attach_targets(train.dataset, tokenizer, vocab_size, seed=42, timestamp_probability=0.5,
-                   previous_probability=0.2)
+                   previous_probability=0.2, token_cache=data_cfg.resolved_cache_dir() / "tokens")
     stage("targets")
     layout = None
     if args.packing:

@@ -174,15 +174,20 @@ def test_train_sbatch_requeues_on_preemption(tiny: dict[str, Path]) -> None:
     """USR1 to the batch shell (as --signal=B:USR1@120 sends before the time limit): checkpoint,
     exit 75, `scontrol requeue`, and the restarted job resumes and finishes."""
     max_steps = 40  # the stop signal comes after step 1: leaves ~20 s of steps to interrupt
-    out, log, info = preempt(tiny, "preempt", max_steps, job_env(tiny))
+    _, results = requeued_run(tiny, "preempt", max_steps, job_env(tiny))
+    assert results["world_size"] == 2
+    assert results["steps"] == max_steps
+
+
+def requeued_run(tiny: dict[str, Path], name: str, max_steps: int, env: dict[str, str]) -> tuple[Path, dict]:
+    """A job preempted once (:func:`preempt`) that was requeued, resumed and completed: (output dir, results)."""
+    out, log, info = preempt(tiny, name, max_steps, env)
     text = log.read_text(errors="replace")
     assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}:\n{tail(log)}"
     assert int(info["Restarts"]) == 1, f"job was not requeued:\n{tail(log)}"
     assert "preempted (exit 75): requeueing" in text, tail(log)
     assert "resumed from" in text, tail(log)
-    results = json.loads((out / "results.json").read_text())
-    assert results["world_size"] == 2
-    assert results["steps"] == max_steps
+    return out, json.loads((out / "results.json").read_text())
 
 
 def test_train_sbatch_two_nodes_zero2(tiny: dict[str, Path]) -> None:
@@ -202,13 +207,7 @@ def test_train_sbatch_zero2_requeues_on_preemption(tiny: dict[str, Path]) -> Non
     """The preemption path of test_train_sbatch_requeues_on_preemption under ZeRO-2 on 2 nodes:
     every rank writes its DeepSpeed shards, the requeued job loads them and ends at max_steps."""
     max_steps = 30  # the stop signal comes after step 1 or 2: ~0.6 s a step here leaves ~15 s to interrupt
-    out, log, info = preempt(tiny, "preempt-zero2", max_steps, zero2_env(tiny))
-    text = log.read_text(errors="replace")
-    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}:\n{tail(log)}"
-    assert int(info["Restarts"]) == 1, f"job was not requeued:\n{tail(log)}"
-    assert "preempted (exit 75): requeueing" in text, tail(log)
-    assert "resumed from" in text, tail(log)
-    results = json.loads((out / "results.json").read_text())
+    out, results = requeued_run(tiny, "preempt-zero2", max_steps, zero2_env(tiny))
     assert (results["world_size"], results["steps"]) == (2, max_steps), results
     assert train_steps(out) == list(range(1, max_steps + 1)), "a step was lost or repeated by the resume"
     assert deepspeed_layout(out, max_steps) == (2, 2)

@@ -330,4 +330,4 @@ def test_packed_timestamped_label_token_by_token(prepared: Any, tokenizer: Any, 
     assert example.labels == [*expected, tokenizer.eos_token_id]
     assert example.prompt_length == 0
     # The packer budgets for the timestamped layout: two more tokens per segment.
-    assert dataset.targets.clip_cost(unit[0]) == len(tokenizer(" " + CLIPS[unit[0]][1], add_special_tokens=False).input_ids) + 2
+    assert dataset.targets.clip_costs()[unit[0]] == len(tokenizer(" " + CLIPS[unit[0]][1], add_special_tokens=False).input_ids) + 2

@@ -101,6 +101,8 @@ def test_training_data_from_shards_equals_the_audiofolder(tmp_path: Path) -> Non
         assert (x.id, x.text, x.scale, x.segments) == (y.id, y.text, y.scale, y.segments)
         assert (x.pcm == y.pcm).all()
     assert b.total_items == 12
+    first = DataConfig(train=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), max_train_samples=5)
+    assert open_split("train", first).meta.column("id").to_pylist() == [a.dataset[i].id for i in range(5)]
 
 
 def test_remote_shards_are_fetched_checked_and_cached_within_the_cap(tmp_path: Path) -> None:
@@ -158,3 +160,12 @@ def test_prepare_cli_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixt
     assert summary["shards"] == 2 and summary["samples"] == 4 and summary["skipped"] == 2 and summary["index_written"]
     assert main(["prepare", "--data", str(folder), "--out", str(tmp_path / "o2"), "--shard-size", "0"]) == 2
     assert "--shard-size must be >= 1" in capsys.readouterr().err
+
+
+def test_a_shard_that_disappears_is_one_clear_error(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "data", n=4)
+    prepare(_source(folder), tmp_path / "out", SETTINGS)
+    shards = open_shards(str(tmp_path / "out"), tmp_path / "cache", 10**9)
+    (tmp_path / "out" / "shard-000000.tar").unlink()
+    with pytest.raises(DataError, match="shard missing"):
+        shards.audio(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import datasets
@@ -19,9 +20,11 @@ import torch
 
 from toolkit.config import WHISPER_MAX_TARGET_POSITIONS
 from toolkit.data import pcm as pcm_codec
+from toolkit.data import tokens
 from toolkit.data.preprocess import Skip
 from toolkit.data.segments import Segment, from_json
 from toolkit.data.targets import Special, Targets
+from toolkit.data.tokens import Ragged
 
 Unit = int | tuple[int, ...]
 """One training item: a clip's row number, or the row numbers of the clips packed into one window."""
@@ -92,10 +95,14 @@ class ArrowClips:
 class SpeechDataset(torch.utils.data.Dataset):
     """Indexable view of a prepared split; ``rows`` selects which of the table's rows are used."""
 
-    def __init__(self, table: ClipTable, rows: np.ndarray, labels: list[list[int]] | None, durations: np.ndarray):
+    def __init__(self, table: ClipTable, rows: np.ndarray, labels: Ragged | list[list[int]] | None,
+                 durations: np.ndarray):
         self.table = table
         self.rows = rows
-        self.labels = labels
+        self.labels = labels if labels is None or isinstance(labels, Ragged) else Ragged.from_lists(labels)
+        """Each kept row's whole label (prompt, text, end-of-text)."""
+        self.text_tokens: Ragged | None = None
+        """Each kept row's transcript tokens alone (what :func:`attach_targets` lays out)."""
         self.durations = durations
         self.longest_reference: int | None = None
         """Tokens of the longest tokenised transcript (prompt and end-of-text included), when known."""
@@ -134,7 +141,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         """Tokens each clip contributes to the loss alone (the leading start token is not predicted)."""
         if self.labels is None:
             raise ValueError("this dataset has no labels")
-        return np.array([len(ids) - 1 for ids in self.labels], dtype=np.int64)
+        return self.labels.lengths() - 1
 
     def unit_tokens(self, units: Sequence[Unit]) -> int:
         """Label tokens predicted over ``units`` (what the loss is averaged over)."""
@@ -175,27 +182,31 @@ def build_dataset(
     max_label_tokens: int = WHISPER_MAX_TARGET_POSITIONS,
     split: str = "train",
     keep_labels: bool = True,
+    token_cache: Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[SpeechDataset, list[Skip]]:
     """Tokenise transcripts (when a tokenizer is given) and drop label sequences that are too long.
 
     ``keep_labels=False`` (evaluation data) filters the same way but keeps text only: an eval split is
     scored on generated text, and a reference too long for the decoder would only dominate its WER.
+    ``token_cache``: where tokenised blocks are kept between runs (:func:`toolkit.data.tokens.encode`).
     """
     durations = table.meta.column("duration").to_numpy().astype(np.float32)
     if tokenizer is None:
         return SpeechDataset(table, np.arange(len(table)), None, durations), []
-    ids = tokenizer(table.meta.column("text").to_pylist()).input_ids
-    keep, labels, skips = [], [], []
-    item_ids = table.meta.column("id").to_pylist()
-    for row, tokens in enumerate(ids):
-        if len(tokens) > max_label_tokens:
-            skips.append(Skip(split, item_ids[row], f"label longer than {max_label_tokens} tokens ({len(tokens)})", "filtered"))
-            continue
-        keep.append(row)
-        labels.append(list(tokens))
-    rows = np.asarray(keep, dtype=np.int64)
-    dataset = SpeechDataset(table, rows, labels if keep_labels else None, durations[rows])
-    dataset.longest_reference = max((len(ids[row]) for row in keep), default=None)
+    text = tokens.encode(tokenizer, table.meta.column("text").to_pylist(), token_cache, rank=rank,
+                         world_size=world_size)
+    lengths = text.lengths() + len(tokenizer.prefix_tokens) + 1
+    rows = np.flatnonzero(lengths <= max_label_tokens)
+    item_ids = table.meta.column("id")
+    skips = [Skip(split, item_ids[int(row)].as_py(), f"label longer than {max_label_tokens} tokens ({lengths[row]})",
+                  "filtered") for row in np.flatnonzero(lengths > max_label_tokens)]
+    kept = text.take(rows)
+    labels = kept.wrapped(tokenizer.prefix_tokens, [tokenizer.eos_token_id]) if keep_labels else None
+    dataset = SpeechDataset(table, rows, labels, durations[rows])
+    dataset.text_tokens = kept if keep_labels else None
+    dataset.longest_reference = int(lengths[rows].max()) if len(rows) else None
     return dataset, skips
 
 
@@ -209,30 +220,38 @@ def _packed(units: Sequence[Unit]) -> bool:
 
 def attach_targets(dataset: SpeechDataset, tokenizer: Any, vocab_size: int, *, seed: int,
                    timestamp_probability: float, previous_probability: float,
-                   max_tokens: int = WHISPER_MAX_TARGET_POSITIONS) -> Targets:
+                   max_tokens: int = WHISPER_MAX_TARGET_POSITIONS, token_cache: Path | None = None,
+                   rank: int = 0, world_size: int = 1) -> Targets:
     """Build the training label layouts for ``dataset`` (which must have labels) and attach them."""
-    if dataset.labels is None:
+    if dataset.labels is None or dataset.text_tokens is None:
         raise ValueError("label layouts need a dataset with labels")
     special = Special.from_tokenizer(tokenizer, vocab_size, timestamps=timestamp_probability > 0)
     table = dataset.table.meta
     rows = dataset.rows.tolist()
     texts = table.column("text").to_pylist()
-    spaced = tokenizer([" " + str(texts[r]).lstrip() for r in rows], add_special_tokens=False).input_ids if rows else []
-    pieces: list[list[list[int]]] = [[] for _ in rows]
+    spaced = tokens.encode(tokenizer, [" " + str(texts[r]).lstrip() for r in rows], token_cache, rank=rank,
+                           world_size=world_size)
+    whole = np.zeros(len(rows), dtype=bool)
+    own: list[str] = []
+    counts = np.zeros(len(rows), dtype=np.int64)
     if timestamp_probability > 0:
         stored = table.column("segments").to_pylist()
-        segment_texts = [[s.text for s in from_json(stored[r])] for r in rows]
-        flat = [" " + text.lstrip() for texts_of_row in segment_texts for text in texts_of_row]
-        tokens = iter(tokenizer(flat, add_special_tokens=False).input_ids if flat else [])
-        pieces = [[list(next(tokens)) for _ in texts_of_row] for texts_of_row in segment_texts]
+        for index, row in enumerate(rows):
+            pieces = [s.text.lstrip() for s in from_json(stored[row])]
+            if len(pieces) == 1 and pieces[0] == str(texts[row]).lstrip():
+                whole[index] = True  # the one segment is the transcript: its tokens are `spaced`
+            else:
+                own += [" " + piece for piece in pieces]
+                counts[index] = len(pieces)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    own_tokens = tokens.encode(tokenizer, own, token_cache, rank=rank, world_size=world_size)
     recordings = table.column("recording").to_pylist()
     index_of = {row: index for index, row in enumerate(rows)}
     previous = np.asarray([
         index_of.get(r - 1, -1) if r > 0 and recordings[r] and recordings[r - 1] == recordings[r] else -1 for r in rows
     ], dtype=np.int64)
-    prefix = len(special.prefix)
     targets = Targets(
-        special, [list(labels[prefix:-1]) for labels in dataset.labels], [list(s) for s in spaced], pieces,
+        special, dataset.text_tokens, spaced, tokens.Pieces(spaced, whole, own_tokens, starts),
         np.asarray(table.column("no_speech").to_pylist(), dtype=bool)[dataset.rows], previous, max_tokens,
         seed, timestamp_probability, previous_probability,
     )

@@ -15,7 +15,7 @@ the window, so the timestamped layout (:mod:`toolkit.data.targets`) is built fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,14 +41,15 @@ def pack(order: np.ndarray, durations: np.ndarray, tokens: np.ndarray, max_secon
     current: list[int] = []
     seconds = 0.0
     used = 0
-    for row in order.tolist():
-        need = float(durations[row]) + (gap if current else 0.0)
-        if current and (seconds + need > max_seconds or used + int(tokens[row]) > max_tokens):
+    # Python scalars up front: the same float and int values, without a numpy lookup per clip.
+    for row, duration, cost in zip(order.tolist(), durations[order].tolist(), tokens[order].tolist(), strict=True):
+        need = duration + (gap if current else 0.0)
+        if current and (seconds + need > max_seconds or used + cost > max_tokens):
             windows.append(tuple(current))
-            current, seconds, used, need = [], 0.0, 0, float(durations[row])
+            current, seconds, used, need = [], 0.0, 0, duration
         current.append(row)
         seconds += need
-        used += int(tokens[row])
+        used += cost
     if current:
         windows.append(tuple(current))
     return windows
@@ -62,6 +63,7 @@ class Packer:
     max_label_tokens: int
     max_seconds: float = WINDOW_SECONDS
     gap: float = GAP_SECONDS
+    _costs: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, dataset: SpeechDataset, tokenizer: Any, max_label_tokens: int) -> Packer:
@@ -75,8 +77,10 @@ class Packer:
     def layout(self, order: np.ndarray, durations: np.ndarray) -> list[tuple[int, ...]]:
         """The windows of one epoch, given its clip order (a seeded permutation)."""
         # What a clip costs in whichever layout and place it ends up: whatever the draw, the label fits.
-        tokens = np.asarray([self.targets.clip_cost(row) for row in range(len(durations))], dtype=np.int64)
-        return pack(order, durations, tokens, self.max_seconds, self.targets.text_budget(self.max_label_tokens), self.gap)
+        if self._costs is None:
+            self._costs = self.targets.clip_costs()
+        return pack(order, durations, self._costs, self.max_seconds, self.targets.text_budget(self.max_label_tokens),
+                    self.gap)
 
     def window_labels(self, unit: tuple[int, ...]) -> list[int]:
         return self.targets.plain(unit)

@@ -90,7 +90,8 @@ def load_split(role: str, data_cfg: DataConfig, tokenizer: Any | None,
         empty = LoadedSplit(SpeechDataset(table, np.arange(0), None, np.zeros(0)), skips, source.description, total)
         raise DataError(f"data.{role}: no usable samples. {empty.summary()}")
     dataset, label_skips = build_dataset(
-        table, tokenizer, max_label_tokens=data_cfg.max_label_tokens, split=role, keep_labels=role == "train"
+        table, tokenizer, max_label_tokens=data_cfg.max_label_tokens, split=role, keep_labels=role == "train",
+        token_cache=data_cfg.resolved_cache_dir() / "tokens", rank=state.process_index, world_size=state.num_processes,
     )
     loaded = LoadedSplit(dataset, skips + label_skips, source.description, total, size)
     if state.is_main_process:

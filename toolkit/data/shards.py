@@ -68,10 +68,20 @@ class ShardSet:
         return self.files.path(info["name"], info["sha256"], info["sha256"], info["bytes"])
 
     def audio(self, row: int) -> bytes:
-        path = self.shard_path(int(self._shard_of[row]))
-        with open(path, "rb") as stream:
-            stream.seek(int(self._offset[row]))
-            data = stream.read(int(self._size[row]))
+        shard = int(self._shard_of[row])
+        for attempt in (1, 2):
+            path = self.shard_path(shard)
+            try:
+                with open(path, "rb") as stream:
+                    stream.seek(int(self._offset[row]))
+                    data = stream.read(int(self._size[row]))
+                break
+            except FileNotFoundError:
+                # A cached remote shard can be evicted by another process between the two lines
+                # above: fetch it again, once. A local one is simply missing.
+                if attempt == 2 or isinstance(self.files, LocalFiles):
+                    raise DataError(f"{path}: shard missing (the prepared directory changed after it was "
+                                    "opened?)") from None
         if len(data) != int(self._size[row]):
             raise DataError(f"{path}: sample {row} is cut short (the shard is shorter than its table says)")
         return data

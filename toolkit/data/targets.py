@@ -24,6 +24,7 @@ import numpy as np
 
 from toolkit.config import ConfigError
 from toolkit.data.segments import Segment
+from toolkit.data.tokens import Pieces, Ragged
 
 TIME_PRECISION = 0.02
 """Seconds per timestamp token."""
@@ -103,9 +104,9 @@ class Targets:
     """
 
     special: Special
-    first: list[list[int]]
-    spaced: list[list[int]]
-    pieces: list[list[list[int]]]
+    first: Ragged
+    spaced: Ragged
+    pieces: Pieces
     no_speech: np.ndarray
     previous: np.ndarray
     max_tokens: int
@@ -113,6 +114,15 @@ class Targets:
     seed: int = 0
     timestamp_probability: float = 0.0
     previous_probability: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Lists are accepted (small tables, tests); the sizes below are arrays over every clip.
+        self.first = self.first if isinstance(self.first, Ragged) else Ragged.from_lists(self.first)
+        self.spaced = self.spaced if isinstance(self.spaced, Ragged) else Ragged.from_lists(self.spaced)
+        self.pieces = self.pieces if isinstance(self.pieces, Pieces) else Pieces.from_lists(self.pieces)
+        self._first_len = self.first.lengths()
+        self._spaced_len = self.spaced.lengths()
+        self._piece_cost = self.pieces.costs()
 
     # -- one training sample ---------------------------------------------------------------------------
     def label(self, rows: Sequence[int], position: int, previous: Sequence[int] | None,
@@ -189,20 +199,19 @@ class Targets:
     def plain_length(self, rows: Sequence[int]) -> int:
         if len(rows) == 1 and self.no_speech[rows[0]]:
             return 3
-        return len(self.special.prefix) + len(self.first[rows[0]]) + sum(len(self.spaced[r]) for r in rows[1:]) + 1
+        rest = int(self._spaced_len[list(rows[1:])].sum()) if len(rows) > 1 else 0
+        return len(self.special.prefix) + int(self._first_len[rows[0]]) + rest + 1
 
     def timestamped_length(self, rows: Sequence[int]) -> int:
         """The timestamped label's length, without building it (two timestamps per segment)."""
         if len(rows) == 1 and self.no_speech[rows[0]]:
             return 3
-        return len(self.special.prefix) - 1 + sum(len(p) + 2 for row in rows for p in self.pieces[row]) + 1
+        return len(self.special.prefix) - 1 + int(self._piece_cost[list(rows)].sum()) + 1
 
-    def clip_cost(self, row: int) -> int:
-        """The most text tokens clip ``row`` adds to a packed label, in whichever layout and place."""
-        cost = max(len(self.first[row]), len(self.spaced[row]))
-        if self.timestamp_probability > 0:
-            cost = max(cost, sum(len(p) + 2 for p in self.pieces[row]))
-        return cost
+    def clip_costs(self) -> np.ndarray:
+        """The most text tokens each clip adds to a packed label, in whichever layout and place."""
+        cost = np.maximum(self._first_len, self._spaced_len)
+        return np.maximum(cost, self._piece_cost) if self.timestamp_probability > 0 else cost
 
     def worst_positions(self, packed_label_tokens: int | None = None) -> int:
         """The most decoder positions any sample takes: its longest layout, plus a prompt when they are
@@ -210,9 +219,11 @@ class Targets:
         if packed_label_tokens is not None:
             longest = packed_label_tokens
         else:
-            longest = max(self.plain_length((row,)) for row in range(len(self.first)))
+            speech = ~np.asarray(self.no_speech, dtype=bool)
+            prefix = len(self.special.prefix)
+            longest = max(int((prefix + self._first_len[speech] + 1).max(initial=3)), 3)
             if self.timestamp_probability > 0:
-                longest = max(longest, max(self.timestamped_length((row,)) for row in range(len(self.first))))
+                longest = max(longest, int((prefix + self._piece_cost[speech]).max(initial=3)))
         prompted = packed_label_tokens is not None or bool((self.previous >= 0).any())
         if self.previous_probability > 0 and prompted:
             longest = min(longest + self.max_tokens // 2, self.max_tokens)

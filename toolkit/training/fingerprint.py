@@ -38,8 +38,8 @@ def data_digest(dataset: SpeechDataset) -> str:
     for column in ("id", "text", "segments", "recording"):
         sha.update("\x00".join(str(v) for v in dataset.table.meta.column(column).to_pylist()).encode())
     if dataset.labels is not None:
-        sha.update(np.asarray([len(x) for x in dataset.labels], dtype=np.int64).tobytes())
-        sha.update(np.concatenate([np.asarray(x, dtype=np.int64) for x in dataset.labels]).tobytes())
+        sha.update(dataset.labels.lengths().astype(np.int64).tobytes())
+        sha.update(dataset.labels.flat.astype(np.int64).tobytes())
     return sha.hexdigest()[:16]
 
 

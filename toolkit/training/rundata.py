@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
+
 from toolkit.config import RunConfig
 from toolkit.data.dataset import attach_targets
 from toolkit.data.packing import Packer
@@ -46,10 +48,12 @@ def load_run_data(config: RunConfig, sources: dict[str, Source], tokenizer: Any,
         count = write_skipped(skipped, [skip for split in data.splits() for skip in split.skips])
         if count:
             logger.info("%d samples left out; see %s", count, skipped)
+    state = PartialState()
     attach_targets(
         train.dataset, tokenizer, vocab_size, seed=config.training.seed,
         timestamp_probability=config.data.timestamp_probability,
         previous_probability=config.data.condition_on_prev_probability,
+        token_cache=config.data.resolved_cache_dir() / "tokens", rank=state.process_index, world_size=state.num_processes,
     )
     if config.data.packing:
         train.dataset.packer = Packer.build(train.dataset, tokenizer, config.data.max_label_tokens)
