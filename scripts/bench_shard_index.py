@@ -81,6 +81,19 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class Stages:
+    """Wall time and peak RSS at the end of each named stage."""
+
+    def __init__(self) -> None:
+        self.start = self.tick = time.perf_counter()
+        self.stages: dict[str, dict[str, float]] = {}
+
+    def stage(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name] = {"seconds": round(now - self.tick, 2), "peak_rss_mb": round(rss_mb())}
+        self.tick = now
+
+
 def measure(args: argparse.Namespace) -> dict[str, object]:
     from transformers import WhisperTokenizerFast
 
@@ -91,15 +104,8 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     from toolkit.training.batching import BatchPlan, StepSampler
 
     tokenizer = WhisperTokenizerFast.from_pretrained(args.tokenizer)
-    stages: dict[str, dict[str, float]] = {}
-    start = tick = time.perf_counter()
-
-    def stage(name: str) -> None:
-        nonlocal tick
-        now = time.perf_counter()
-        stages[name] = {"seconds": round(now - tick, 2), "peak_rss_mb": round(rss_mb())}
-        tick = now
-
+    watch = Stages()
+    stage = watch.stage
     stage("imports")
     data_cfg = DataConfig(train=str(args.workdir), cache_dir=str(args.workdir / "cache"))
     source = open_split("train", data_cfg)
@@ -122,8 +128,9 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     again = time.perf_counter()
     sampler.step_items(args.step + 1, plan)
     return {"clips": len(train.dataset), "packing": args.packing, "step": args.step, "units": len(units),
-            "startup_seconds": round(tick - start, 1), "next_step_ms": round((time.perf_counter() - again) * 1000, 2),
-            "peak_rss_mb": round(rss_mb()), "stages": stages}
+            "startup_seconds": round(watch.tick - watch.start, 1),
+            "next_step_ms": round((time.perf_counter() - again) * 1000, 2), "peak_rss_mb": round(rss_mb()),
+            "stages": watch.stages}
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The benchmark scripts run: the course-recipe port of ``scripts/bench_seed.py`` (its toolkit side
-faked from a saved record), ``scripts/random_whisper.py``, ``scripts/bench_compile.py`` and
-``scripts/bench_grouping.py``."""
+faked from a saved record), ``scripts/random_whisper.py``, ``scripts/bench_compile.py``,
+``scripts/bench_grouping.py`` and ``scripts/bench_shard_index.py``."""
 
 from __future__ import annotations
 
@@ -69,3 +69,14 @@ def test_bench_grouping_bounds_what_length_grouping_saves(tiny_model: Path, corp
     assert [r["micro_batch"] for r in records] == [4, 32]
     for record in records:  # sorted lengths never pad more than a random order
         assert record["grouped_flops"] <= record["random_flops"] and 0 <= record["saving_percent"] < 100
+
+
+def test_bench_shard_index_times_a_start_up_over_a_synthetic_index(tiny_model: Path, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "scripts/bench_shard_index.py", "--clips", "2500", "--shard-size", "1000",
+                             "--workdir", str(tmp_path / "sim"), "--tokenizer", str(tiny_model), "--packing",
+                             "--step", "50"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["clips"] == 2500 and record["shards"] == 3 and record["units"] == 16 and record["packing"]
+    assert set(record["stages"]) == {"imports", "open", "tokenize", "targets", "packer", "locate"}
+    assert record["peak_rss_mb"] > 0 and record["startup_seconds"] >= 0

@@ -24,7 +24,7 @@ from toolkit.data import tokens
 from toolkit.data.preprocess import Skip
 from toolkit.data.segments import Segment, from_json
 from toolkit.data.targets import Special, Targets
-from toolkit.data.tokens import Ragged
+from toolkit.data.tokens import Ragged, Wrapped
 
 Unit = int | tuple[int, ...]
 """One training item: a clip's row number, or the row numbers of the clips packed into one window."""
@@ -95,11 +95,11 @@ class ArrowClips:
 class SpeechDataset(torch.utils.data.Dataset):
     """Indexable view of a prepared split; ``rows`` selects which of the table's rows are used."""
 
-    def __init__(self, table: ClipTable, rows: np.ndarray, labels: Ragged | list[list[int]] | None,
+    def __init__(self, table: ClipTable, rows: np.ndarray, labels: Ragged | Wrapped | list[list[int]] | None,
                  durations: np.ndarray):
         self.table = table
         self.rows = rows
-        self.labels = labels if labels is None or isinstance(labels, Ragged) else Ragged.from_lists(labels)
+        self.labels = labels if labels is None or isinstance(labels, Ragged | Wrapped) else Ragged.from_lists(labels)
         """Each kept row's whole label (prompt, text, end-of-text)."""
         self.text_tokens: Ragged | None = None
         """Each kept row's transcript tokens alone (what :func:`attach_targets` lays out)."""
@@ -195,15 +195,14 @@ def build_dataset(
     durations = table.meta.column("duration").to_numpy().astype(np.float32)
     if tokenizer is None:
         return SpeechDataset(table, np.arange(len(table)), None, durations), []
-    text = tokens.encode(tokenizer, table.meta.column("text").to_pylist(), token_cache, rank=rank,
-                         world_size=world_size)
+    text = tokens.encode(tokenizer, table.meta.column("text"), token_cache, rank=rank, world_size=world_size)
     lengths = text.lengths() + len(tokenizer.prefix_tokens) + 1
     rows = np.flatnonzero(lengths <= max_label_tokens)
     item_ids = table.meta.column("id")
     skips = [Skip(split, item_ids[int(row)].as_py(), f"label longer than {max_label_tokens} tokens ({lengths[row]})",
                   "filtered") for row in np.flatnonzero(lengths > max_label_tokens)]
     kept = text.take(rows)
-    labels = kept.wrapped(tokenizer.prefix_tokens, [tokenizer.eos_token_id]) if keep_labels else None
+    labels = tokens.Wrapped(kept, tokenizer.prefix_tokens, [tokenizer.eos_token_id]) if keep_labels else None
     dataset = SpeechDataset(table, rows, labels, durations[rows])
     dataset.text_tokens = kept if keep_labels else None
     dataset.longest_reference = int(lengths[rows].max()) if len(rows) else None
@@ -226,34 +225,52 @@ def attach_targets(dataset: SpeechDataset, tokenizer: Any, vocab_size: int, *, s
     if dataset.labels is None or dataset.text_tokens is None:
         raise ValueError("label layouts need a dataset with labels")
     special = Special.from_tokenizer(tokenizer, vocab_size, timestamps=timestamp_probability > 0)
-    table = dataset.table.meta
-    rows = dataset.rows.tolist()
-    texts = table.column("text").to_pylist()
-    spaced = tokens.encode(tokenizer, [" " + str(texts[r]).lstrip() for r in rows], token_cache, rank=rank,
-                           world_size=world_size)
-    whole = np.zeros(len(rows), dtype=bool)
-    own: list[str] = []
-    counts = np.zeros(len(rows), dtype=np.int64)
-    if timestamp_probability > 0:
-        stored = table.column("segments").to_pylist()
-        for index, row in enumerate(rows):
-            pieces = [s.text.lstrip() for s in from_json(stored[row])]
-            if len(pieces) == 1 and pieces[0] == str(texts[row]).lstrip():
-                whole[index] = True  # the one segment is the transcript: its tokens are `spaced`
-            else:
-                own += [" " + piece for piece in pieces]
-                counts[index] = len(pieces)
+    table = dataset.table.meta.select(["text", "segments", "no_speech"])
+    if len(dataset.rows) != table.num_rows or not np.array_equal(dataset.rows, np.arange(table.num_rows)):
+        table = table.take(pa.array(dataset.rows, type=pa.int64()))  # the kept rows, in order
+    spaced = tokens.encode(tokenizer, table.column("text"), token_cache, rank=rank, world_size=world_size,
+                           spaced=True)
+    whole, own, counts = _segment_texts(table, timestamp_probability > 0)
     starts = np.concatenate([[0], np.cumsum(counts)])
     own_tokens = tokens.encode(tokenizer, own, token_cache, rank=rank, world_size=world_size)
-    recordings = table.column("recording").to_pylist()
-    index_of = {row: index for index, row in enumerate(rows)}
-    previous = np.asarray([
-        index_of.get(r - 1, -1) if r > 0 and recordings[r] and recordings[r - 1] == recordings[r] else -1 for r in rows
-    ], dtype=np.int64)
     targets = Targets(
         special, dataset.text_tokens, spaced, tokens.Pieces(spaced, whole, own_tokens, starts),
-        np.asarray(table.column("no_speech").to_pylist(), dtype=bool)[dataset.rows], previous, max_tokens,
+        table.column("no_speech").to_numpy(zero_copy_only=False).astype(bool),
+        _previous_clips(dataset.table.meta.column("recording"), dataset.rows), max_tokens,
         seed, timestamp_probability, previous_probability,
     )
     dataset.targets = targets
     return targets
+
+
+def _segment_texts(table: pa.Table, timestamps: bool) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(clips whose one segment is the whole transcript, every other clip's segment texts to tokenise,
+    how many of those each clip has); read a block of clips at a time."""
+    whole = np.zeros(table.num_rows, dtype=bool)
+    counts = np.zeros(table.num_rows, dtype=np.int64)
+    own: list[str] = []
+    if not timestamps:
+        return whole, own, counts
+    for start in range(0, table.num_rows, tokens.BLOCK):
+        block = table.slice(start, tokens.BLOCK)
+        for offset, (text, stored) in enumerate(zip(block.column("text").to_pylist(),
+                                                    block.column("segments").to_pylist(), strict=True)):
+            pieces = [s.text.lstrip() for s in from_json(stored)]
+            if len(pieces) == 1 and pieces[0] == str(text).lstrip():
+                whole[start + offset] = True  # the one segment is the transcript: its tokens are `spaced`
+            else:
+                own += [" " + piece for piece in pieces]
+                counts[start + offset] = len(pieces)
+    return whole, own, counts
+
+
+def _previous_clips(recordings: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
+    """For each kept row, the index (among ``rows``) of the row before it when both come from the same
+    recording, else -1: consecutive rows of one recording are each other's previous utterance."""
+    recording = recordings.to_numpy(zero_copy_only=False)
+    same = np.zeros(len(recording), dtype=bool)
+    same[1:] = (recording[1:] == recording[:-1]) & (recording[1:] != "")
+    position = np.full(len(recording), -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    before = np.where(rows > 0, position[np.maximum(rows - 1, 0)], -1)
+    return np.where(same[rows], before, -1)

@@ -15,8 +15,9 @@ the window, so the timestamped layout (:mod:`toolkit.data.targets`) is built fro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -29,30 +30,64 @@ GAP_SECONDS = 0.3
 """Silence between two packed clips: about a pause between sentences."""
 
 
+class Windows(Sequence[tuple[int, ...]]):
+    """An epoch's windows: its clip order cut at ``ends`` (window ``w`` is ``order[ends[w-1]:ends[w]]``).
+
+    Two int arrays instead of a tuple per window: a sampler keeps a few epochs of millions of clips.
+    """
+
+    def __init__(self, order: np.ndarray, ends: np.ndarray):
+        self.order, self.ends = order, ends
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[int, ...]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[int, ...]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[int, ...] | list[tuple[int, ...]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start = int(self.ends[index - 1]) if index else 0
+        return tuple(self.order[start : int(self.ends[index])].tolist())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def pack(order: np.ndarray, durations: np.ndarray, tokens: np.ndarray, max_seconds: float,
-         max_tokens: int, gap: float = GAP_SECONDS) -> list[tuple[int, ...]]:
+         max_tokens: int, gap: float = GAP_SECONDS) -> Windows:
     """Greedy packing of ``order`` (row numbers) into windows, in that order.
 
     ``tokens[i]`` is what clip ``i`` adds to a label; ``max_tokens`` what a window's label may hold
     besides the prompt and end-of-text. A clip is never split, and one alone always fits (longer
     clips and labels were filtered out when the data loaded).
     """
-    windows: list[tuple[int, ...]] = []
-    current: list[int] = []
+    ends: list[int] = []
+    count = 0
     seconds = 0.0
     used = 0
     # Python scalars up front: the same float and int values, without a numpy lookup per clip.
-    for row, duration, cost in zip(order.tolist(), durations[order].tolist(), tokens[order].tolist(), strict=True):
-        need = duration + (gap if current else 0.0)
-        if current and (seconds + need > max_seconds or used + cost > max_tokens):
-            windows.append(tuple(current))
-            current, seconds, used, need = [], 0.0, 0, duration
-        current.append(row)
+    for position, (duration, cost) in enumerate(zip(durations[order].tolist(), tokens[order].tolist(), strict=True)):
+        need = duration + (gap if count else 0.0)
+        if count and (seconds + need > max_seconds or used + cost > max_tokens):
+            ends.append(position)
+            count, seconds, used, need = 0, 0.0, 0, duration
+        count += 1
         seconds += need
         used += cost
-    if current:
-        windows.append(tuple(current))
-    return windows
+    if count:
+        ends.append(len(order))
+    return Windows(np.asarray(order, dtype=np.int64), np.asarray(ends, dtype=np.int64))
 
 
 @dataclass
@@ -74,7 +109,7 @@ class Packer:
                                                     timestamp_probability=0.0, previous_probability=0.0)
         return cls(targets, max_label_tokens)
 
-    def layout(self, order: np.ndarray, durations: np.ndarray) -> list[tuple[int, ...]]:
+    def layout(self, order: np.ndarray, durations: np.ndarray) -> Windows:
         """The windows of one epoch, given its clip order (a seeded permutation)."""
         # What a clip costs in whichever layout and place it ends up: whatever the draw, the label fits.
         if self._costs is None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 BLOCK = 16_384
 
@@ -62,8 +63,10 @@ class Ragged:
         return np.diff(self.offsets)
 
     def take(self, rows: np.ndarray) -> Ragged:
-        """Sequences ``rows``, in that order."""
+        """Sequences ``rows``, in that order (this very table when that is all of them)."""
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == len(self) and np.array_equal(rows, np.arange(len(self))):
+            return self
         starts, lengths = self.offsets[rows], self.lengths()[rows]
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -86,22 +89,59 @@ class Ragged:
         return Ragged(flat, offsets)
 
 
+class Wrapped:
+    """``inner``'s sequences each between ``before`` and ``after`` (whole labels: prompt, text,
+    end-of-text), built when read instead of stored a second time."""
+
+    def __init__(self, inner: Ragged, before: Sequence[int], after: Sequence[int]):
+        self.inner, self.before, self.after = inner, list(before), list(after)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int) -> list[int]:
+        return [*self.before, *self.inner[index], *self.after]
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Wrapped) and self.inner == other.inner and self.before == other.before
+                and self.after == other.after)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def lengths(self) -> np.ndarray:
+        return self.inner.lengths() + len(self.before) + len(self.after)
+
+    def flat_blocks(self, rows: int = BLOCK) -> Iterator[np.ndarray]:
+        """Every token in order, ``rows`` sequences at a time (what one flat array would hold)."""
+        for start in range(0, len(self), rows):
+            part = self.inner.take(np.arange(start, min(start + rows, len(self))))
+            yield part.wrapped(self.before, self.after).flat
+
+
 def tokenizer_digest(tokenizer: Any) -> str:
     """Changes whenever the tokenizer's vocabulary, merges or normalisation do."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
-def encode(tokenizer: Any, texts: Sequence[str], cache_dir: Path | None = None, *, rank: int = 0,
-           world_size: int = 1) -> Ragged:
-    """``texts`` tokenised without special tokens, in blocks cached under ``cache_dir`` (if given)."""
-    blocks = [texts[start : start + BLOCK] for start in range(0, len(texts), BLOCK)]
+def encode(tokenizer: Any, texts: Sequence[str] | pa.Array | pa.ChunkedArray, cache_dir: Path | None = None, *,
+           rank: int = 0, world_size: int = 1, spaced: bool = False) -> Ragged:
+    """``texts`` tokenised without special tokens, in blocks cached under ``cache_dir`` (if given).
+
+    ``texts`` may be an Arrow column: it is then read a block at a time, never as one Python list.
+    ``spaced``: each text is tokenised as ``" " + text.lstrip()`` (a transcript after another one).
+    """
     digest = tokenizer_digest(tokenizer) if cache_dir is not None else ""
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-    parts: list[Ragged | None] = [None] * len(blocks)
-    first = len(blocks) * rank // max(world_size, 1)  # each rank starts elsewhere, then wraps around
-    for b in [*range(first, len(blocks)), *range(first)]:
-        parts[b] = _block(tokenizer, blocks[b], cache_dir, digest)
+    count = (len(texts) + BLOCK - 1) // BLOCK
+    parts: list[Ragged | None] = [None] * count
+    first = count * rank // max(world_size, 1)  # each rank starts elsewhere, then wraps around
+    for b in [*range(first, count), *range(first)]:
+        block = texts[b * BLOCK : (b + 1) * BLOCK]
+        block = block.to_pylist() if isinstance(block, pa.Array | pa.ChunkedArray) else list(block)
+        if spaced:
+            block = [" " + str(text).lstrip() for text in block]
+        parts[b] = _block(tokenizer, block, cache_dir, digest)
     return Ragged.concat([p for p in parts if p is not None])
 
 

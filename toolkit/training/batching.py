@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -94,7 +94,7 @@ class StepSampler:
     """
 
     def __init__(self, num_samples: int, seed: int, rank: int,
-                 layout: Callable[[np.ndarray], list[tuple[int, ...]]] | None = None):
+                 layout: Callable[[np.ndarray], Sequence[tuple[int, ...]]] | None = None):
         if num_samples <= 0:
             raise ValueError("no training samples")
         self.num_samples = num_samples
@@ -109,7 +109,7 @@ class StepSampler:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
     @lru_cache(maxsize=4)  # noqa: B019
-    def _epoch_units(self, epoch: int) -> list[tuple[int, ...]]:
+    def _epoch_units(self, epoch: int) -> Sequence[tuple[int, ...]]:
         assert self.layout is not None
         return self.layout(self._epoch_order(epoch))
 
