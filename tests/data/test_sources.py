@@ -190,6 +190,32 @@ def test_hub_text_column_must_hold_text(monkeypatch: pytest.MonkeyPatch) -> None
         open_source("someone/ds", split="train", text_column="sentence")
 
 
+def test_hub_rows_carry_their_segments_recording_and_no_speech(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    from toolkit.data.preprocess import process_chunk
+
+    write_clip(tmp_path / "a.flac", 2.0)
+    audio = {"bytes": (tmp_path / "a.flac").read_bytes(), "path": "a.flac"}
+    segments = [{"start": 0.1, "end": 0.9, "text": "One."}, {"start": 1.0, "end": 1.9, "text": "Two."}]
+    rows = {"audio": [audio, audio, audio], "sentence": ["One. Two.", "One. Two.", ""],
+            "recording": ["r1", "r1", ""], "no_speech": [False, False, True]}
+    as_list = datasets.Dataset.from_dict({**rows, "segments": [segments, segments, []]})
+    columns = {key: [s[key] for s in segments] for key in ("start", "end", "text")}  # a Sequence feature's form
+    as_sequence = datasets.Dataset.from_dict({**rows, "segments": [columns, columns, {k: [] for k in columns}]})
+    _hub_online(monkeypatch, False)
+    for table in (as_list, as_sequence):
+        monkeypatch.setattr(datasets, "load_dataset", lambda *args, table=table, **kwargs: table)
+        source = open_source("someone/ds", split="train", text_column="sentence")
+        extras = source.extras(0)
+        assert extras.recording == "r1" and not extras.no_speech
+        assert [s["text"] for s in json.loads(extras.segments)] == ["One.", "Two."]
+        assert source.extras(2).no_speech and source.extras(2).recording is None
+        decoded, skips = process_chunk(source, 0, 3, "train", target_sr=16_000, max_duration_s=30.0)
+        assert not skips and decoded["recording"] == ["r1", "r1", ""] and decoded["no_speech"] == [False, False, True]
+        assert [s[2] for s in json.loads(decoded["segments"][0])] == ["One.", "Two."]
+
+
 def test_fingerprint_changes_with_text_and_file(tmp_path: Path) -> None:
     root = write_audiofolder(tmp_path / "af", 2)
     source = open_source(str(root), split="", text_column="sentence")

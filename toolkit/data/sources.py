@@ -158,6 +158,8 @@ class HubSource(Source):
         self.audio_column = audio_column
         self.text_column = text_column
         self.description = description
+        present = [c for c in ("segments", "recording", "no_speech") if c in dataset.column_names]
+        self._extra_columns = dataset.select_columns(present) if present else None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -165,6 +167,19 @@ class HubSource(Source):
     def fingerprint(self, start: int, stop: int) -> str:
         key = [self.dataset._fingerprint, self.audio_column, self.text_column, start, stop]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+    def extras(self, index: int) -> Extras:
+        """The row's ``segments``, ``recording`` and ``no_speech`` columns, where the dataset has them
+        (``segments`` as a list of ``{start, end, text}``, the dict of lists a ``Sequence`` feature
+        gives, or JSON text); checked as a manifest's are."""
+        if self._extra_columns is None:
+            return NO_EXTRAS
+        row = dict(self._extra_columns[index])
+        segments = row.get("segments")
+        if isinstance(segments, dict) and set(segments) >= {"start", "end", "text"}:
+            row["segments"] = [dict(zip(("start", "end", "text"), values, strict=True))
+                               for values in zip(segments["start"], segments["end"], segments["text"], strict=True)]
+        return _extras(f"{self.description} row {index}", row)
 
     def get(self, index: int) -> tuple[str, str | bytes | None, str | None]:
         row = self.dataset[index]
@@ -381,8 +396,8 @@ def _extras(where: str, row: dict[str, Any]) -> Extras:
     segments, recording, no_speech = row.get("segments"), row.get("recording"), row.get("no_speech")
     if segments is not None and not isinstance(segments, (str, list)):
         raise DataError(f"{where}: 'segments' is {_kind(segments)}, not a JSON list of {{start, end, text}}")
-    if isinstance(segments, list):  # a JSONL manifest holds the list itself
-        segments = json.dumps(segments)
+    if isinstance(segments, list):  # a JSONL manifest (or a Hub row) holds the list itself; [] is none
+        segments = json.dumps(segments) if segments else None
     if recording is not None and not isinstance(recording, (str, int)):
         raise DataError(f"{where}: 'recording' is {_kind(recording)}, not a name")
     if isinstance(no_speech, str):
