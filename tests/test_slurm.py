@@ -96,11 +96,11 @@ def job_env(tiny: dict[str, Path]) -> dict[str, str]:
     return env
 
 
-def zero2_env(tiny: dict[str, Path]) -> dict[str, str]:
-    """DeepSpeed ZeRO-2 over the nodes; TOOLKIT_CPU=1 stays: train.sbatch must turn it into
-    DS_ACCELERATOR=cpu, not ACCELERATE_USE_CPU=1 (set here too, as a careless submitter's shell might)."""
+def zero2_env(tiny: dict[str, Path], config: str = ZERO2) -> dict[str, str]:
+    """DeepSpeed ZeRO-2 (or ``config``) over the nodes; TOOLKIT_CPU=1 stays: train.sbatch must turn it
+    into DS_ACCELERATOR=cpu, not ACCELERATE_USE_CPU=1 (set here too, as a careless submitter's shell might)."""
     env = job_env(tiny)
-    env.update(LAUNCH_CONFIG=ZERO2, ACCELERATE_USE_CPU="1")
+    env.update(LAUNCH_CONFIG=config, ACCELERATE_USE_CPU="1")
     return env
 
 
@@ -190,17 +190,20 @@ def requeued_run(tiny: dict[str, Path], name: str, max_steps: int, env: dict[str
     return out, json.loads((out / "results.json").read_text())
 
 
-def test_train_sbatch_two_nodes_zero2(tiny: dict[str, Path]) -> None:
-    """DeepSpeed ZeRO-2 across 2 nodes: one `accelerate launch` per node (the 'standard' launcher)."""
-    out, log = tiny["root"] / "run-zero2", tiny["root"] / "train-zero2.log"
-    job = submit("slurm/train.sbatch", ["--nodes=2", f"--output={log}"], [f"output.dir={out}"], zero2_env(tiny))
+@pytest.mark.parametrize("stage", [2, 3])
+def test_train_sbatch_two_nodes_zero(tiny: dict[str, Path], stage: int) -> None:
+    """DeepSpeed ZeRO-2 and ZeRO-3 across 2 nodes: one `accelerate launch` per node (the 'standard' launcher)."""
+    config = f"launch_configs/multi_node_zero{stage}.yaml"
+    out, log = tiny["root"] / f"run-zero{stage}", tiny["root"] / f"train-zero{stage}.log"
+    job = submit("slurm/train.sbatch", ["--nodes=2", f"--output={log}"], [f"output.dir={out}"],
+                 zero2_env(tiny, config))
     info = wait_job(job, log)
     assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}:\n{tail(log)}"
-    assert f"launch config {ZERO2} (DeepSpeed)" in log.read_text(errors="replace"), tail(log)
+    assert f"launch config {config} (DeepSpeed)" in log.read_text(errors="replace"), tail(log)
     results = json.loads((out / "results.json").read_text())
     assert (results["world_size"], results["steps"]) == (2, 2), results
-    # ZeRO-2 shards, one optimizer partition per rank: DeepSpeed really ran (not dropped for plain DDP)
-    assert deepspeed_layout(out, 2) == (2, 2)
+    # ZeRO shards, one optimizer partition per rank: DeepSpeed really ran (not dropped for plain DDP)
+    assert deepspeed_layout(out, 2) == (stage, 2)
 
 
 def test_train_sbatch_zero2_requeues_on_preemption(tiny: dict[str, Path]) -> None:

@@ -8,6 +8,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -117,6 +118,9 @@ def test_remote_shards_are_fetched_checked_and_cached_within_the_cap(tmp_path: P
     assert len(cached) == 1 and cached[0].name.endswith("shard-000002.tar")  # the cap keeps the newest only
     remote.will_need(remote.meta.column("shard").to_numpy()[:1] * 0)  # shard 0 in the background
     assert remote.audio(0) == local.audio(0)
+    through_fsspec = open_shards(f"local://{out}/index.json", tmp_path / "cache3", max_bytes=10**9)
+    assert [through_fsspec.audio(r) for r in range(10)] == [local.audio(r) for r in range(10)]
+    assert len(list((tmp_path / "cache3").rglob("*.tar"))) == 3
     data = bytearray((out / "shard-000001.tar").read_bytes())
     data[2000] ^= 0xFF  # inside the first FLAC member
     (out / "shard-000001.tar").write_bytes(bytes(data))
@@ -169,3 +173,16 @@ def test_a_shard_that_disappears_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "out" / "shard-000000.tar").unlink()
     with pytest.raises(DataError, match="shard missing"):
         shards.audio(0)
+
+
+def test_loader_workers_memory_map_the_metadata_instead_of_copying_it(tmp_path: Path) -> None:
+    import pickle
+
+    folder = _folder(tmp_path / "data", n=6)
+    prepare(_source(folder), tmp_path / "out", SETTINGS)
+    shards = open_shards(str(tmp_path / "out"), tmp_path / "cache", 10**9).subset(np.array([5, 0, 3]))
+    payload = pickle.dumps(shards)
+    assert len(payload) < 5000  # the table itself stays out of the pickle
+    copy = pickle.loads(payload)
+    assert copy.meta.equals(shards.meta) and [copy.audio(r) for r in range(3)] == [shards.audio(r) for r in range(3)]
+    assert len(list((tmp_path / "cache" / "meta").glob("*.arrow"))) == 1

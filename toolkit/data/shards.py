@@ -15,12 +15,15 @@ the same table. The shards stay plain WebDataset tars for every other reader.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc  # noqa: F401 - pa.ipc
 
 from toolkit.data.fetch import LocalFiles, RemoteFiles, is_remote, open_location
 from toolkit.data.prepare import INDEX_NAME, SHARDS_FORMAT, SHARDS_VERSION, SKIPPED_NAME
@@ -44,24 +47,47 @@ class ShardSet:
     """The samples of a prepared directory, in shard order."""
 
     def __init__(self, files: LocalFiles | RemoteFiles, index: dict[str, Any], meta: pa.Table,
-                 skips: list[Skip] | None = None):
+                 skips: list[Skip] | None = None, spill_dir: Path | None = None):
         self.files = files
         self.description = files.description
         self.index = index
         self.meta = meta
         self.skips = skips or []
         """What ``toolkit prepare`` left out (its ``skipped.jsonl``)."""
+        self.spill_dir = spill_dir
+        """Where the metadata goes as an Arrow file for loader workers (else they get a copy each)."""
+        self._spilled: Path | None = None
         self.shards: list[dict[str, Any]] = index["shards"]
         self._shard_of = meta.column("shard").to_numpy()
         self._offset = meta.column("offset").to_numpy()
         self._size = meta.column("size").to_numpy()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A loader worker memory-maps the metadata from one Arrow file, which every worker and rank on
+        # the machine shares through the page cache, instead of unpickling its own copy (hundreds of
+        # MB for millions of clips).
+        state = dict(self.__dict__)
+        if self.spill_dir is not None:
+            if self._spilled is None:
+                self._spilled = _spill(self.meta, self.shards, self.spill_dir)
+            state.update(meta=None, _spilled=self._spilled, _shard_of=None, _offset=None, _size=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.meta is None and self._spilled is not None:
+            self.meta = pa.ipc.open_file(pa.memory_map(str(self._spilled))).read_all()
+            self._shard_of = self.meta.column("shard").to_numpy()
+            self._offset = self.meta.column("offset").to_numpy()
+            self._size = self.meta.column("size").to_numpy()
 
     def __len__(self) -> int:
         return self.meta.num_rows
 
     def subset(self, rows: np.ndarray) -> ShardSet:
         """These samples at ``rows`` only, in that order."""
-        return ShardSet(self.files, self.index, self.meta.take(pa.array(rows, type=pa.int64())), self.skips)
+        return ShardSet(self.files, self.index, self.meta.take(pa.array(rows, type=pa.int64())), self.skips,
+                        self.spill_dir)
 
     def shard_path(self, shard: int) -> Path:
         info = self.shards[shard]
@@ -118,7 +144,23 @@ def open_shards(spec: str, cache_dir: Path, max_bytes: int, max_items: int | Non
     meta = pa.concat_tables(parts)
     if max_items is not None:
         meta = meta.slice(0, max_items)
-    return ShardSet(files, index, meta, _skips(files, where))
+    return ShardSet(files, index, meta, _skips(files, where), spill_dir=cache_dir / "meta")
+
+
+def _spill(meta: pa.Table, shards: list[dict[str, Any]], directory: Path) -> Path:
+    """``meta`` as an Arrow IPC file named by its content (ranks write the same bytes; the first wins).
+    The shards' SHA-256s and each row's (shard, offset) identify the rows and their order."""
+    digest = hashlib.sha256(json.dumps([shard["sha256"] for shard in shards]).encode())
+    for name in ("shard", "offset"):
+        digest.update(meta.column(name).to_numpy().tobytes())
+    path = directory / f"{digest.hexdigest()[:24]}.arrow"
+    if not path.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, meta.schema) as writer:
+            writer.write_table(meta)
+        os.replace(tmp, path)
+    return path
 
 
 def _load_json(files: LocalFiles | RemoteFiles, name: str, where: str, key: str | None = None) -> dict[str, Any]:
