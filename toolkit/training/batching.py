@@ -84,7 +84,32 @@ class BatchPlan:
         )
 
 
-class StepSampler:
+class RankShare:
+    """What a rank takes of a step: its contiguous share of the step's items, cut into micro-batches."""
+
+    rank: int
+
+    def step_items(self, step: int, plan: BatchPlan) -> list[Item]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def micro_items(self, step: int, plan: BatchPlan, offset: int = 0) -> list[list[Item]]:
+        """This rank's micro-batches of ``step`` from its ``offset``-th unit on.
+
+        A step continued after a back-off starts at the units already done, which need not be a
+        multiple of the new micro-batch (20 per rank: micro-batch 5 -> 2); its last micro-batch
+        may then be smaller than the others.
+        """
+        share = plan.per_rank
+        mine = self.step_items(step, plan)[self.rank * share : (self.rank + 1) * share][offset:]
+        m = plan.micro_batch_size
+        return [mine[i : i + m] for i in range(0, len(mine), m)]
+
+    def micro_batches(self, step: int, plan: BatchPlan, offset: int = 0) -> list[list[Any]]:
+        """:meth:`micro_items`' units."""
+        return [[item.unit for item in batch] for batch in self.micro_items(step, plan, offset)]
+
+
+class StepSampler(RankShare):
     """Which units (clips, or packed windows) each optimizer step uses, on every rank.
 
     Without a ``layout`` a unit is a clip and every epoch holds ``num_samples`` of them. With one
@@ -94,19 +119,21 @@ class StepSampler:
     """
 
     def __init__(self, num_samples: int, seed: int, rank: int,
-                 layout: Callable[[np.ndarray], Sequence[tuple[int, ...]]] | None = None):
+                 layout: Callable[[np.ndarray], Sequence[tuple[int, ...]]] | None = None, key: tuple[int, ...] = ()):
+        """``key``: extra seed words (a corpus's number in a mixture), so that streams differ."""
         if num_samples <= 0:
             raise ValueError("no training samples")
         self.num_samples = num_samples
         self.seed = seed
         self.rank = rank
         self.layout = layout
+        self.key = key
         self._ends: list[int] = []
         """Running unit counts at the end of each epoch laid out so far (packing only)."""
 
     @lru_cache(maxsize=4)  # noqa: B019 - a handful of epochs per sampler, freed with it
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        return np.random.default_rng([self.seed, *self.key, epoch]).permutation(self.num_samples)
 
     @lru_cache(maxsize=4)  # noqa: B019
     def _epoch_units(self, epoch: int) -> Sequence[tuple[int, ...]]:
@@ -162,28 +189,22 @@ class StepSampler:
         epoch, offset = self._locate(position)
         return self._epoch_units(epoch)[offset]
 
-    def micro_items(self, step: int, plan: BatchPlan, offset: int = 0) -> list[list[Item]]:
-        """This rank's micro-batches of ``step`` from its ``offset``-th unit on.
+    def unit_at(self, position: int) -> Unit:
+        """The unit at stream ``position``: a row number, or (packing) a window."""
+        if self.layout is not None:
+            return self._unit_at(position)
+        epoch, offset = divmod(position, self.num_samples)
+        return int(self._epoch_order(epoch)[offset])
 
-        A step continued after a back-off starts at the units already done, which need not be a
-        multiple of the new micro-batch (20 per rank: micro-batch 5 -> 2); its last micro-batch
-        may then be smaller than the others.
-        """
-        share = plan.per_rank
-        mine = self.step_items(step, plan)[self.rank * share : (self.rank + 1) * share][offset:]
-        m = plan.micro_batch_size
-        return [mine[i : i + m] for i in range(0, len(mine), m)]
-
-    def micro_batches(self, step: int, plan: BatchPlan, offset: int = 0) -> list[list[Any]]:
-        """:meth:`micro_items`' units."""
-        return [[item.unit for item in batch] for batch in self.micro_items(step, plan, offset)]
-
-    def epoch_of(self, step: int, plan: BatchPlan) -> float:
-        position = step * plan.global_batch_size
+    def epoch_at(self, position: int) -> float:
+        """Epochs done at stream ``position`` (fractional)."""
         if self.layout is None:
             return position / self.num_samples
         epoch, offset = self._locate(position)
         return epoch + offset / len(self._epoch_units(epoch))
+
+    def epoch_of(self, step: int, plan: BatchPlan) -> float:
+        return self.epoch_at(step * plan.global_batch_size)
 
 
 PREFETCH_STEPS = 2
