@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from toolkit.languages import check_whisper_language
 from toolkit.launch import LaunchInfo, check_combinations
 from toolkit.recipe import ConfigError, apply_override, build_dataclass, check_writable_dir, read_recipe
 
@@ -64,28 +65,28 @@ class ModelConfig:
         if self.stand_in_for and not self.language:
             raise ConfigError("model.stand_in_for is set but model.language (the Whisper stand-in) is not")
         if self.language is not None:
-            _check_whisper_language(self.language, self.stand_in_for)
+            check_whisper_language(self.language, self.stand_in_for)
 
 
-def _check_whisper_language(language: str, stand_in_for: str | None) -> None:
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+@dataclass
+class Corpus:
+    """One of several training corpora (``data.train`` given as a list)."""
 
-    lang = language.lower().strip("<|>")
-    if lang in TO_LANGUAGE_CODE or lang in LANGUAGES:
-        return
-    hint = (
-        f"; for data in a language Whisper lacks, set model.language to the closest Whisper language and "
-        f"model.stand_in_for: {language}"
-        if not stand_in_for
-        else ""
-    )
-    raise ConfigError(f"model.language: Whisper has no language {language!r}{hint}")
+    path: str = ""
+    """Any ``data.train`` form: an audiofolder, a manifest, a Hub id or a prepared directory."""
+    weight: float = 1.0
+    """Its share of the samples each step draws (the weights are normalised)."""
+    language: str | None = None
+    """Its Whisper language (default ``model.language``): the language token of its labels."""
+    task: Literal["transcribe", "translate"] | None = None
+    """Its Whisper task (default ``model.task``)."""
 
 
 @dataclass
 class DataConfig:
-    train: str | None = None
-    """Training data: an audiofolder directory, a .csv/.jsonl manifest, or a Hub dataset id."""
+    train: str | list[Corpus] | None = None
+    """Training data: an audiofolder directory, a .csv/.jsonl manifest, a Hub dataset id or a prepared
+    directory; or a list of ``{path, weight, language, task}`` corpora, mixed by weight per step."""
     eval: str | None = None
     """Evaluation data, same forms as ``train``."""
     train_split: str = "train"
@@ -146,6 +147,11 @@ class DataConfig:
     def validate(self) -> None:
         if not self.train and not self.eval:
             raise ConfigError("data.train or data.eval must be set")
+        for i, corpus in enumerate(self.train if isinstance(self.train, list) else []):
+            if not corpus.path or corpus.weight <= 0:
+                raise ConfigError(f"data.train[{i}] needs a path and a weight > 0, got {corpus.path!r} and {corpus.weight}")
+            if corpus.language is not None:
+                check_whisper_language(corpus.language, None, key=f"data.train[{i}].language")
         if not 0 < self.max_duration_s <= 30.0:
             raise ConfigError(f"data.max_duration_s must be in (0, 30], got {self.max_duration_s}")
         if not 0 < self.max_label_tokens <= WHISPER_MAX_TARGET_POSITIONS:

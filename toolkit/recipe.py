@@ -153,6 +153,9 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        lists = [arg for arg in args if typing.get_origin(arg) is list]
+        if isinstance(value, list) and len(lists) == 1:  # a list is meant as the list form: its own errors
+            return coerce(value, lists[0], key)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -24,7 +24,7 @@ from toolkit.data import tokens
 from toolkit.data.preprocess import Skip
 from toolkit.data.segments import Segment, from_json
 from toolkit.data.targets import Special, Targets
-from toolkit.data.tokens import Ragged, Wrapped
+from toolkit.data.tokens import Ragged, Stacked, Wrapped
 
 Unit = int | tuple[int, ...]
 """One training item: a clip's row number, or the row numbers of the clips packed into one window."""
@@ -95,14 +95,17 @@ class ArrowClips:
 class SpeechDataset(torch.utils.data.Dataset):
     """Indexable view of a prepared split; ``rows`` selects which of the table's rows are used."""
 
-    def __init__(self, table: ClipTable, rows: np.ndarray, labels: Ragged | Wrapped | list[list[int]] | None,
+    def __init__(self, table: ClipTable, rows: np.ndarray, labels: Ragged | Wrapped | Stacked | list[list[int]] | None,
                  durations: np.ndarray):
         self.table = table
         self.rows = rows
-        self.labels = labels if labels is None or isinstance(labels, Ragged | Wrapped) else Ragged.from_lists(labels)
+        self.labels = labels if labels is None or isinstance(labels, Ragged | Wrapped | Stacked) else Ragged.from_lists(labels)
         """Each kept row's whole label (prompt, text, end-of-text)."""
         self.text_tokens: Ragged | None = None
         """Each kept row's transcript tokens alone (what :func:`attach_targets` lays out)."""
+        self.prefixes: list[tuple[int, ...]] | None = None
+        self.prefix_of: np.ndarray | None = None
+        """Several corpora joined (:mod:`toolkit.data.corpora`): their label starts, and each item's."""
         self.durations = durations
         self.longest_reference: int | None = None
         """Tokens of the longest tokenised transcript (prompt and end-of-text included), when known."""
@@ -237,7 +240,7 @@ def attach_targets(dataset: SpeechDataset, tokenizer: Any, vocab_size: int, *, s
         special, dataset.text_tokens, spaced, tokens.Pieces(spaced, whole, own_tokens, starts),
         table.column("no_speech").to_numpy(zero_copy_only=False).astype(bool),
         _previous_clips(dataset.table.meta.column("recording"), dataset.rows), max_tokens,
-        seed, timestamp_probability, previous_probability,
+        seed, timestamp_probability, previous_probability, dataset.prefixes, dataset.prefix_of,
     )
     dataset.targets = targets
     return targets

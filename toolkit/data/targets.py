@@ -114,6 +114,10 @@ class Targets:
     seed: int = 0
     timestamp_probability: float = 0.0
     previous_probability: float = 0.0
+    prefixes: list[tuple[int, ...]] | None = None
+    """Several corpora: each one's ``S <|notimestamps|>`` (its language and task); None: ``special.prefix``."""
+    prefix_of: np.ndarray | None = None
+    """Several corpora: each clip's index into ``prefixes``."""
 
     def __post_init__(self) -> None:
         # Lists are accepted (small tables, tests); the sizes below are arrays over every clip.
@@ -123,6 +127,15 @@ class Targets:
         self._first_len = self.first.lengths()
         self._spaced_len = self.spaced.lengths()
         self._piece_cost = self.pieces.costs()
+        if self.prefixes is None or self.prefix_of is None:
+            self.prefixes, self.prefix_of = [tuple(self.special.prefix)], np.zeros(len(self.first), dtype=np.int64)
+        if any(prefix[-1] != self.special.notimestamps for prefix in self.prefixes):
+            raise ValueError("every prefix must end in <|notimestamps|>")
+        self._prefix_len = np.asarray([len(p) for p in self.prefixes], dtype=np.int64)[self.prefix_of]
+
+    def prefix(self, row: int) -> tuple[int, ...]:
+        """Clip ``row``'s ``S <|notimestamps|>``: a sample takes its first clip's (a window holds one corpus)."""
+        return self.prefixes[int(self.prefix_of[row])]
 
     # -- one training sample ---------------------------------------------------------------------------
     def label(self, rows: Sequence[int], position: int, previous: Sequence[int] | None,
@@ -168,7 +181,7 @@ class Targets:
         if len(rows) == 1 and self.no_speech[rows[0]]:
             return [self.special.sot, self.special.nospeech, self.special.eot]
         text = [token for n, row in enumerate(rows) for token in (self.spaced[row] if n else self.first[row])]
-        return [*self.special.prefix, *text, self.special.eot]
+        return [*self.prefix(rows[0]), *text, self.special.eot]
 
     def timestamped(self, rows: Sequence[int], segments: Sequence[Segment]) -> list[int]:
         """``S`` then each segment as ``<|start|> text <|end|>``, then ``<|endoftext|>``.
@@ -181,7 +194,7 @@ class Targets:
         pieces = [piece for row in rows for piece in self.pieces[row]]
         if len(pieces) != len(segments):
             raise ValueError(f"{len(segments)} segment times for {len(pieces)} segments")
-        out = list(self.special.prefix[:-1])
+        out = list(self.prefix(rows[0])[:-1])
         for segment, piece in zip(segments, pieces, strict=True):
             out += [self.special.timestamp(segment.start), *piece, self.special.timestamp(segment.end)]
         return [*out, self.special.eot]
@@ -200,13 +213,13 @@ class Targets:
         if len(rows) == 1 and self.no_speech[rows[0]]:
             return 3
         rest = int(self._spaced_len[list(rows[1:])].sum()) if len(rows) > 1 else 0
-        return len(self.special.prefix) + int(self._first_len[rows[0]]) + rest + 1
+        return int(self._prefix_len[rows[0]]) + int(self._first_len[rows[0]]) + rest + 1
 
     def timestamped_length(self, rows: Sequence[int]) -> int:
         """The timestamped label's length, without building it (two timestamps per segment)."""
         if len(rows) == 1 and self.no_speech[rows[0]]:
             return 3
-        return len(self.special.prefix) - 1 + int(self._piece_cost[list(rows)].sum()) + 1
+        return int(self._prefix_len[rows[0]]) - 1 + int(self._piece_cost[list(rows)].sum()) + 1
 
     def clip_costs(self) -> np.ndarray:
         """The most text tokens each clip adds to a packed label, in whichever layout and place."""
@@ -220,7 +233,7 @@ class Targets:
             longest = packed_label_tokens
         else:
             speech = ~np.asarray(self.no_speech, dtype=bool)
-            prefix = len(self.special.prefix)
+            prefix = self._prefix_len[speech]
             longest = max(int((prefix + self._first_len[speech] + 1).max(initial=3)), 3)
             if self.timestamp_probability > 0:
                 longest = max(longest, int((prefix + self._piece_cost[speech]).max(initial=3)))
@@ -230,5 +243,5 @@ class Targets:
         return longest - 1
 
     def text_budget(self, max_label_tokens: int) -> int:
-        """What a packed label may hold besides its fixed start and end-of-text."""
-        return max_label_tokens - len(self.special.prefix) - 1
+        """What a packed label may hold besides its fixed start and end-of-text (the longest start)."""
+        return max_label_tokens - int(self._prefix_len.max(initial=len(self.special.prefix))) - 1

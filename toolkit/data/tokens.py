@@ -118,6 +118,34 @@ class Wrapped:
             yield part.wrapped(self.before, self.after).flat
 
 
+class Stacked:
+    """Several label tables (:class:`Wrapped` or :class:`Ragged`: one per corpus) one after another."""
+
+    def __init__(self, parts: Sequence[Wrapped | Ragged]):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0, *(len(p) for p in self.parts)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> list[int]:
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[part][index - int(self.starts[part])]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Stacked) and len(other.parts) == len(self.parts) and all(
+            a == b for a, b in zip(self.parts, other.parts, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([p.lengths() for p in self.parts])
+
+    def flat_blocks(self, rows: int = BLOCK) -> Iterator[np.ndarray]:
+        for part in self.parts:
+            yield from (part.flat_blocks(rows) if isinstance(part, Wrapped) else [part.flat])
+
+
 def tokenizer_digest(tokenizer: Any) -> str:
     """Changes whenever the tokenizer's vocabulary, merges or normalisation do."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from toolkit.adapters import AdapterCheckpointHooks
 from toolkit.config import ConfigError, RunConfig, dump_config
 from toolkit.data.collator import WhisperCollator
+from toolkit.data.corpora import open_sources
 from toolkit.data.loader import TimedBatches, build_loader
-from toolkit.data.pipeline import open_split
 from toolkit.distributed import (
     all_reduce_max,
     broadcast_from_main,
@@ -44,13 +44,14 @@ from toolkit.modeling import LoadedModel, compile_layers, load_model, trainable_
 from toolkit.oom import Backoff, OutOfMemoryAtMicroBatchOne, free_memory, install_injector
 from toolkit.output import append_skipped, export_model, push_to_hub, write_json
 from toolkit.training import zero
-from toolkit.training.batching import BatchPlan, StepBatchSampler, StepSampler
+from toolkit.training.batching import BatchPlan, StepBatchSampler
 from toolkit.training.checkpoint import CheckpointManager, SavedState, TrainState
 from toolkit.training.evals import Evaluator, guard_breach
 from toolkit.training.fingerprint import check_resume, fingerprint
 from toolkit.training.lock import OutputLock
 from toolkit.training.manifest import verify
 from toolkit.training.metrics import MetricsLogger, StepStats, Window, peak_memory_gib, run_peak_flops
+from toolkit.training.mixture import build_sampler
 from toolkit.training.optim import build_optimizer, build_scheduler
 from toolkit.training.probe import run_probe
 from toolkit.training.rundata import load_run_data
@@ -108,7 +109,7 @@ class TrainingRun:
         self._lock_output_dir()
         set_seed(config.training.seed)
         # Listing the data checks every spec and manifest: a bad one fails before the model loads.
-        sources = {role: open_split(role, config.data) for role in ("train", "eval") if getattr(config.data, role)}
+        sources = open_sources(config.data)
         if config.training.gradient_checkpointing == "auto":
             config.training.gradient_checkpointing = checkpointing_needed(config, acc.num_processes, acc.device)
             logger.info("gradient checkpointing: %s (auto)", "on" if config.training.gradient_checkpointing else "off")
@@ -149,9 +150,7 @@ class TrainingRun:
         self.step: TrainStep = step_class(acc).prepare(parts, config.training, self.plan)
         if config.training.method == "lora":
             AdapterCheckpointHooks(acc).register()
-        train = self.data.train.dataset
-        layout = partial(train.packer.layout, durations=train.durations) if train.packer else None
-        self.sampler = StepSampler(len(train), config.training.seed, acc.process_index, layout)
+        self.sampler = build_sampler(self.data.train.dataset, self.data.mix, config.training.seed, acc.process_index)
         self.peak_flops = run_peak_flops(acc.device, config.training.mixed_precision, acc.num_processes)
         """The run's peak FLOP/s for MFU (None where the device is not in the table); the bench may set it."""
 

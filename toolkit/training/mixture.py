@@ -15,10 +15,12 @@ The units are global row numbers of the combined split (corpus ``c``'s rows star
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 
+from toolkit.data.corpora import Mix
 from toolkit.data.dataset import Item, Unit
 from toolkit.training.batching import BatchPlan, RankShare, StepSampler
 
@@ -92,3 +94,20 @@ class MixtureSampler(RankShare):
         """The furthest any corpus stream has gone, in its own epochs."""
         before = self.counts_before(step, plan.global_batch_size)
         return max(stream.epoch_at(int(n)) for stream, n in zip(self.streams, before, strict=True))
+
+
+def build_sampler(dataset: Any, mix: Mix | None, seed: int, rank: int) -> StepSampler | MixtureSampler:
+    """The run's sampler: one stream over ``dataset``, or (several corpora) one per corpus, mixed."""
+    if mix is None:
+        layout = partial(dataset.packer.layout, durations=dataset.durations) if dataset.packer else None
+        return StepSampler(len(dataset), seed, rank, layout)
+    streams = []
+    for corpus, (offset, size) in enumerate(zip(mix.offsets, mix.sizes, strict=True)):
+        layout = partial(corpus_layout, dataset.packer, dataset.durations, offset) if dataset.packer else None
+        streams.append(StepSampler(size, seed, rank, layout, key=(corpus,)))
+    return MixtureSampler(streams, mix.offsets, mix.weights, seed, rank)
+
+
+def corpus_layout(packer: Any, durations: np.ndarray, offset: int, order: np.ndarray) -> Sequence[tuple[int, ...]]:
+    """A corpus's packed windows from its own clip order (its local numbers, ``offset`` into the split)."""
+    return packer.layout(order + offset, durations)

@@ -12,6 +12,7 @@ from typing import Any
 from accelerate import PartialState
 
 from toolkit.config import RunConfig
+from toolkit.data.corpora import Mix, load_corpora
 from toolkit.data.dataset import attach_targets
 from toolkit.data.packing import Packer
 from toolkit.data.pipeline import LoadedSplit, load_split
@@ -30,6 +31,8 @@ class RunData:
     """The ``evaluation.guard`` sets' data, in their order."""
     train_seconds: float = 0.0
     """Time to load (and preprocess) the train split."""
+    mix: Mix | None = None
+    """Several corpora: where each lies in ``train`` and its weight."""
 
     def splits(self) -> list[LoadedSplit]:
         return [self.train, *([self.eval] if self.eval else []), *self.guards]
@@ -39,11 +42,15 @@ def load_run_data(config: RunConfig, sources: dict[str, Source], tokenizer: Any,
                   skipped: Path | None) -> RunData:
     """Load every split on every rank; ``skipped``: where the main process writes the skips (None elsewhere)."""
     tick = time.perf_counter()
-    train = load_split("train", config.data, tokenizer, sources["train"])
+    mix = None
+    if isinstance(config.data.train, list):  # several corpora; English-only tokenizers carry no language
+        train, mix = load_corpora(config.data, config.model, tokenizer, tokenizer.language is None, sources["train"])
+    else:
+        train = load_split("train", config.data, tokenizer, sources["train"])
     seconds = time.perf_counter() - tick
     evaluation = load_eval_split(config, tokenizer, sources["eval"]) if "eval" in sources else None
     guards = [load_guard_split(config, guard, tokenizer) for guard in config.evaluation.guard]
-    data = RunData(train, evaluation, guards, seconds)
+    data = RunData(train, evaluation, guards, seconds, mix)
     if skipped is not None:
         count = write_skipped(skipped, [skip for split in data.splits() for skip in split.skips])
         if count:

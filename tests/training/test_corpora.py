@@ -1,0 +1,70 @@
+"""Several corpora: language and task tokens per sample, weights, packing within a corpus, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, write_audiofolder
+from toolkit.config import ConfigError, load_config
+from toolkit.data.loader import TimedBatches
+from toolkit.data.sources import DataError
+from toolkit.training.loop import TrainingRun
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
+
+def _config(model: Path, tmp_path: Path, *overrides: str):  # noqa: ANN202
+    english = write_audiofolder(tmp_path / "en", 12)
+    french = write_audiofolder(tmp_path / "fr", 6, start_seed=50)
+    train = f"[{{path: {english}, weight: 0.7, language: en}}, {{path: {french}, weight: 0.3, language: fr}}]"
+    values = [f"model.name_or_path={model}", "model.language=en", f"data.train={train}", "data.eval=null",
+              "data.num_workers=0", "training.max_steps=2", "training.global_batch_size=8",
+              "training.micro_batch_size=4", "training.save_every=0", "evaluation.at_start=false",
+              f"output.dir={tmp_path / 'run'}", *overrides]
+    return load_config(ROOT / "recipes" / "demo.yaml", values)
+
+
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_each_sample_carries_its_corpus_language(tiny_multilingual_model: Path, tmp_path: Path, packing: str) -> None:
+    run = TrainingRun(_config(tiny_multilingual_model, tmp_path, f"data.packing={packing}"))
+    run.setup()
+    tokenizer = run.loaded.processor.tokenizer
+    dataset = run.data.train.dataset
+    assert len(dataset) == 18 and run.data.mix.sizes == [12, 6]
+    lang = {code: tokenizer.convert_tokens_to_ids(f"<|{code}|>") for code in ("en", "fr")}
+    corpus_of = np.repeat([0, 1], [12, 6])
+    seen = [0, 0]
+    for step in range(30):
+        for item in run.sampler.step_items(step, run.plan):
+            rows = item.unit if isinstance(item.unit, tuple) else (item.unit,)
+            corpus = int(corpus_of[rows[0]])
+            assert all(corpus_of[r] == corpus for r in rows)  # a window never mixes corpora
+            example = dataset[item]
+            prompt = example.prompt_length
+            assert example.labels[prompt + 1] == lang[("en", "fr")[corpus]], example.labels[:6]
+            seen[corpus] += 1
+    assert seen[0] > seen[1] > 0
+    run.batches = TimedBatches(run.train_loader(0))
+    run.step.model.train()
+    stats = run.train_step(0)
+    assert stats.tokens > 0 and np.isfinite(float(stats.loss_sum))
+
+
+def test_an_english_only_checkpoint_refuses_a_french_corpus(tiny_model: Path, tmp_path: Path) -> None:
+    config = _config(tiny_model, tmp_path, "model.language=null")
+    with pytest.raises(DataError, match=r"data.train\[1\]: .* is English-only; a corpus in 'fr'"):
+        TrainingRun(config).setup()
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{path: a, weight: 0}", r"data.train\[0\] needs a path and a weight > 0"),
+    ("{path: a, language: klingon}", r"data.train\[0\].language: Whisper has no language 'klingon'"),
+    ("{path: a, wieght: 1}", r"unknown key data.train\[0\].wieght \(did you mean data.train\[0\].weight"),
+])
+def test_corpus_entries_are_checked_on_load(tiny_model: Path, tmp_path: Path, entry: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "recipes" / "demo.yaml", [f"model.name_or_path={tiny_model}", f"data.train=[{entry}]",
+                                                      f"output.dir={tmp_path}"])
