@@ -163,8 +163,20 @@ def public_config(config: RunConfig) -> RunConfig:
     public = copy.deepcopy(config)
     for section, key in PATH_KEYS:
         part = getattr(public, section)
-        setattr(part, key, public_name(getattr(part, key)))
+        value = getattr(part, key)
+        if isinstance(value, list):  # several corpora
+            for corpus in value:
+                corpus.path = public_name(corpus.path)
+        else:
+            setattr(part, key, public_name(value))
     return public
+
+
+def _data_names(config: RunConfig) -> str:
+    train = config.data.train
+    if isinstance(train, list):
+        return " + ".join(f"`{c.path}` (weight {c.weight:g}{', ' + c.language if c.language else ''})" for c in train)
+    return f"`{train}`"
 
 
 def model_card(config: RunConfig, results: dict[str, Any]) -> str:
@@ -187,7 +199,7 @@ pipeline_tag: automatic-speech-recognition
 
 # Fine-tuned {Path(config.model.name_or_path).name}
 
-Fine-tuned with whisper-toolkit from `{config.model.name_or_path}` on `{config.data.train}`.
+Fine-tuned with whisper-toolkit from `{config.model.name_or_path}` on {_data_names(config)}.
 
 - Language: {lang}; task: {config.model.task}
 - Steps: {results.get("steps")}; global batch: {results.get("global_batch_size")}

@@ -68,3 +68,19 @@ def test_corpus_entries_are_checked_on_load(tiny_model: Path, tmp_path: Path, en
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "recipes" / "demo.yaml", [f"model.name_or_path={tiny_model}", f"data.train=[{entry}]",
                                                       f"output.dir={tmp_path}"])
+
+
+def test_a_two_corpus_run_finishes_and_names_its_corpora(tiny_multilingual_model: Path, tmp_path: Path) -> None:
+    from tests.conftest import launch
+
+    english = write_audiofolder(tmp_path / "en", 8)
+    german = write_audiofolder(tmp_path / "de", 4, start_seed=50)
+    train = f"[{{path: {english}, weight: 0.5, language: en}}, {{path: {german}, weight: 0.5, language: de}}]"
+    args = ["train", "--config", str(ROOT / "recipes" / "demo.yaml"), f"model.name_or_path={tiny_multilingual_model}",
+            "model.language=en", f"data.train={train}", "data.eval=null", "data.num_workers=1", "training.max_steps=2",
+            "training.global_batch_size=4", "training.micro_batch_size=2", "training.save_every=0",
+            "evaluation.at_start=false", f"output.dir={tmp_path / 'run'}"]
+    result = launch(args, processes=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "`en` (weight 0.5, en) + `de` (weight 0.5, de)" in card

@@ -58,6 +58,8 @@ def fingerprint(config: RunConfig, train: SpeechDataset) -> dict[str, Any]:
     values["data.timestamp_probability"] = config.data.timestamp_probability
     values["data.condition_on_prev_probability"] = config.data.condition_on_prev_probability
     values["data.train (content)"] = data_digest(train)
+    if isinstance(config.data.train, list):  # the mixture decides which samples each step draws
+        values["data.train (corpora)"] = [[c.weight, c.language, c.task] for c in config.data.train]
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
