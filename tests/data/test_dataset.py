@@ -22,3 +22,19 @@ def test_flac_bytes_that_end_in_nul_reach_the_decoder_whole(monkeypatch: pytest.
     dataset = dataset_module.SpeechDataset(dataset_module.ArrowClips(table), np.arange(1), None, np.ones(1, dtype=np.float32))
     assert dataset[0].text == "x" and dataset[0].scale == 1.0
     assert seen[0] == stream and isinstance(seen[0], bytes)
+
+
+def test_cache_clips_pickle_as_a_reference_to_the_cache(tmp_path) -> None:  # noqa: ANN001
+    import pickle
+
+    from tests.conftest import write_audiofolder
+    from toolkit.data.preprocess import prepare_split
+    from toolkit.data.sources import open_source
+
+    root = write_audiofolder(tmp_path / "af", 200, seconds=0.2)
+    prepared = prepare_split(open_source(str(root), split="", text_column="sentence"), "train", tmp_path / "cache")
+    clips = dataset_module.ArrowClips(prepared.dataset)
+    payload = pickle.dumps(clips)
+    assert len(payload) < len(pickle.dumps(clips.meta)) / 2  # the table itself is not in it
+    copy = pickle.loads(payload)
+    assert copy.meta.equals(clips.meta) and copy.audio(7) == clips.audio(7)

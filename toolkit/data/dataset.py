@@ -85,6 +85,15 @@ class ArrowClips:
         # any FLAC stream that happens to end in one.
         self._audio = dataset.with_format(None, columns=["flac"])
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The dataset pickles as a reference to its memory-mapped cache files; the Arrow table taken
+        # from it would pickle by value (a copy of every transcript for each loader worker).
+        return {"_audio": self._audio}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._audio = state["_audio"]
+        self.meta = self._audio.data.table.drop_columns(["flac"])
+
     def __len__(self) -> int:
         return self.meta.num_rows
 
