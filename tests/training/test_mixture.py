@@ -56,6 +56,8 @@ def test_steps_are_a_pure_function_of_seed_and_step_on_any_world_size(monkeypatc
     for step in range(38):
         units = walked.step_indices(step, BatchPlan(16, 16, 1))
     assert [int(u) for u in units] == [int(u) for u in whole]
+    for step in (5, 36, 37, 2):  # back, within a block, and forward again: the same as a fresh sampler's
+        assert walked.step_indices(step, BatchPlan(16, 16, 1)) == _mixture().step_indices(step, BatchPlan(16, 16, 1))
     shares = [_mixture(rank=r).micro_batches(37, BatchPlan(16, 4, 2)) for r in (0, 1)]
     assert [int(u) for part in shares for batch in part for u in batch] == [int(u) for u in whole]
     assert _mixture(seed=8).step_indices(37, BatchPlan(16, 16, 1)) != whole

@@ -42,6 +42,8 @@ class MixtureSampler(RankShare):
         self._block_counts: list[np.ndarray] = [np.zeros(len(streams), dtype=np.int64)]
         """Draws of each corpus before block ``b`` (``b * MIX_BLOCK`` steps), for the blocks counted so far."""
         self._block_batch: int | None = None
+        self._last: tuple[int, np.ndarray] | None = None
+        """The last step asked for and its counts: the next step's count starts from there."""
 
     # -- which corpus each position comes from -------------------------------------------------------
     def draws(self, step: int, global_batch: int) -> np.ndarray:
@@ -52,13 +54,19 @@ class MixtureSampler(RankShare):
     def counts_before(self, step: int, global_batch: int) -> np.ndarray:
         """Draws of each corpus at the positions before step ``step``."""
         if self._block_batch not in (None, global_batch):  # counted for another global batch
-            self._block_counts = self._block_counts[:1]
+            self._block_counts, self._last = self._block_counts[:1], None
         self._block_batch = global_batch
         block = step // MIX_BLOCK
         while len(self._block_counts) <= block:
             start = (len(self._block_counts) - 1) * MIX_BLOCK
             self._block_counts.append(self._block_counts[-1] + self._counted(start, start + MIX_BLOCK, global_batch))
-        return self._block_counts[block] + self._counted(block * MIX_BLOCK, step, global_batch)
+        # Steps come in order: count on from the last one asked for when it lies in this block.
+        start, counts = block * MIX_BLOCK, self._block_counts[block]
+        if self._last is not None and start <= self._last[0] <= step:
+            start, counts = self._last
+        counts = counts + self._counted(start, step, global_batch)
+        self._last = (step, counts)
+        return counts.copy()
 
     def _counted(self, start: int, stop: int, global_batch: int) -> np.ndarray:
         counts = np.zeros(len(self.streams), dtype=np.int64)
@@ -77,7 +85,7 @@ class MixtureSampler(RankShare):
         the window before it in its own corpus's stream (its previous text)."""
         g = plan.global_batch_size
         draws = self.draws(step, g)
-        next_position = self.counts_before(step, g).copy()
+        next_position = self.counts_before(step, g)
         items = []
         for i, corpus in enumerate(draws.tolist()):
             k = int(next_position[corpus])
