@@ -115,11 +115,14 @@ def build_shard(source: Source, index: int, start: int, stop: int, out: Path, se
             if member.name.endswith(".flac"):
                 columns["offset"].append(member.offset_data)
                 columns["size"].append(member.size)
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(tmp, "rb") as stream:  # a block at a time: a shard may be larger than memory allows
+        while block := stream.read(1 << 20):
+            digest.update(block)
     size = tmp.stat().st_size
     os.replace(tmp, tar_path)
     table = {"key": shard_key(source, start, stop, settings), "name": tar_path.name, "rows": [start, stop],
-             "bytes": size, "sha256": digest, "samples": len(rows["id"]),
+             "bytes": size, "sha256": digest.hexdigest(), "samples": len(rows["id"]),
              "seconds": round(float(sum(columns["duration"])), 3), "columns": columns,
              "skipped": [asdict(skip) for skip in skips]}
     _write_atomic(out / shard_name(index, "json"), json.dumps(table))
