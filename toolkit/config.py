@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from toolkit.config_sets import Corpus, GuardSet, check_corpora
 from toolkit.languages import check_whisper_language
 from toolkit.launch import LaunchInfo, check_combinations
 from toolkit.recipe import ConfigError, apply_override, build_dataclass, check_writable_dir, read_recipe
@@ -69,26 +70,14 @@ class ModelConfig:
 
 
 @dataclass
-class Corpus:
-    """One of several training corpora (``data.train`` given as a list)."""
-
-    path: str = ""
-    """Any ``data.train`` form: an audiofolder, a manifest, a Hub id or a prepared directory."""
-    weight: float = 1.0
-    """Its share of the samples each step draws (the weights are normalised)."""
-    language: str | None = None
-    """Its Whisper language (default ``model.language``): the language token of its labels."""
-    task: Literal["transcribe", "translate"] | None = None
-    """Its Whisper task (default ``model.task``)."""
-
-
-@dataclass
 class DataConfig:
     train: str | list[Corpus] | None = None
     """Training data: an audiofolder directory, a .csv/.jsonl manifest, a Hub dataset id or a prepared
     directory; or a list of ``{path, weight, language, task}`` corpora, mixed by weight per step."""
-    eval: str | None = None
-    """Evaluation data, same forms as ``train``."""
+    eval: str | list[Corpus] | None = None
+    """Evaluation data, same forms as ``train``; a list of ``{path, language, task, name}`` sets is
+    decoded set by set in each one's language and reported per set (``eval/NAME/wer``), per language
+    (``eval/lang/LANG/wer``) and in total (``wer``, from the summed error counts)."""
     train_split: str = "train"
     """Split expression for a Hub ``train`` dataset (``train+validation``)."""
     eval_split: str = "test"
@@ -147,11 +136,9 @@ class DataConfig:
     def validate(self) -> None:
         if not self.train and not self.eval:
             raise ConfigError("data.train or data.eval must be set")
-        for i, corpus in enumerate(self.train if isinstance(self.train, list) else []):
-            if not corpus.path or corpus.weight <= 0:
-                raise ConfigError(f"data.train[{i}] needs a path and a weight > 0, got {corpus.path!r} and {corpus.weight}")
-            if corpus.language is not None:
-                check_whisper_language(corpus.language, None, key=f"data.train[{i}].language")
+        for key in ("train", "eval"):
+            if isinstance(getattr(self, key), list):
+                check_corpora(f"data.{key}", getattr(self, key))
         if not 0 < self.max_duration_s <= 30.0:
             raise ConfigError(f"data.max_duration_s must be in (0, 30], got {self.max_duration_s}")
         if not 0 < self.max_label_tokens <= WHISPER_MAX_TARGET_POSITIONS:
@@ -328,39 +315,6 @@ class LoraConfig:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ConfigError("lora.target_modules must name at least one module (q_proj, k_proj, v_proj, out_proj, fc1, fc2)")
-
-
-@dataclass
-class GuardSet:
-    """An extra eval set run at every evaluation beside ``data.eval`` (``evaluation.guard``): it
-    measures what fine-tuning breaks."""
-
-    name: str = ""
-    """Its key in metrics.jsonl, TensorBoard and results.json (``guard/NAME/...``)."""
-    data: str = ""
-    """An audiofolder, manifest or Hub dataset id."""
-    kind: Literal["general", "no_speech", "long_form"] = "general"
-    """``general``: held-out speech, where a WER rise measures forgetting; ``no_speech``: silence and
-    noise, where any output word is a hallucination; ``long_form``: recordings of any length,
-    transcribed with sequential long-form decoding."""
-    weight: float = 0.0
-    """Weight of its metric in the score that ``output.final_model: best`` ranks checkpoints by: the
-    main WER plus the sum of weight x metric over the guard sets."""
-    max_rise: float | None = None
-    """Stop training (with a final checkpoint) when its metric rises more than this above the first
-    evaluation (the starting model's with ``evaluation.at_start``): in WER points for ``general`` and
-    ``long_form`` sets, in the hallucination rate (the share of clips with any output word, 0 to 1)
-    for ``no_speech`` sets."""
-
-    def validate(self, key: str) -> None:
-        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"{key}.name must be a non-empty name of letters, digits, - and _, got {self.name!r}")
-        if not self.data:
-            raise ConfigError(f"{key}.data is required (an audiofolder, manifest or Hub dataset id)")
-        if self.weight < 0:
-            raise ConfigError(f"{key}.weight must be >= 0, got {self.weight}")
-        if self.max_rise is not None and self.max_rise < 0:
-            raise ConfigError(f"{key}.max_rise must be >= 0, got {self.max_rise}")
 
 
 @dataclass

@@ -179,6 +179,13 @@ def _data_names(config: RunConfig) -> str:
     return f"`{train}`"
 
 
+def _eval_names(config: RunConfig) -> str:
+    sets = config.data.eval
+    if isinstance(sets, list):
+        return " + ".join(f"`{c.path}` ({c.label}{', ' + c.language if c.language else ''})" for c in sets)
+    return f"`{sets}`"
+
+
 def model_card(config: RunConfig, results: dict[str, Any]) -> str:
     """``final/README.md``: metadata, results and the recipe, with local paths reduced to their names."""
     # The card's base_model metadata names a Hub repository: a local base gets none.
@@ -188,9 +195,9 @@ def model_card(config: RunConfig, results: dict[str, Any]) -> str:
     if config.model.stand_in_for:
         lang = f"{config.model.stand_in_for} (decoded with Whisper's {config.model.language} token as a stand-in)"
     final = results.get("eval") or {}
-    rows = "\n".join(
-        f"| {key} | {final[key]} |" for key in ("wer", "wer_ortho", "cer", "num_samples") if key in final
-    )
+    # Several eval sets add each set's and each language's WER (``NAME/wer``, ``lang/fr/wer``).
+    keys = [*(k for k in ("wer", "wer_ortho", "cer", "num_samples") if k in final), *(k for k in final if k.endswith("/wer"))]
+    rows = "\n".join(f"| {key} | {final[key]} |" for key in keys)
     return f"""---
 library_name: transformers
 pipeline_tag: automatic-speech-recognition
@@ -208,7 +215,7 @@ Fine-tuned with whisper-toolkit from `{config.model.name_or_path}` on {_data_nam
 - Training throughput: {results.get("train_samples_per_second")} clips/s, {results.get("train_audio_hours_per_hour")}
   audio-hours/hour{" (packed into 30 s windows)" if results.get("packing") else ""}
 
-## Evaluation on `{config.data.eval}`
+## Evaluation on {_eval_names(config)}
 
 WER and CER in percent; `wer` is on normalised text, `wer_ortho` on the raw text.
 

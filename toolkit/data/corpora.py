@@ -9,7 +9,9 @@ corpus each sample comes from is drawn at sampling time, by weight
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,34 +80,66 @@ def open_corpora(data_cfg: DataConfig) -> list[Source | ShardSet]:
 
 
 def open_sources(data_cfg: DataConfig) -> dict[str, Any]:
-    """``train`` (a source, or a list of them for several corpora) and ``eval``, as set."""
+    """``train`` and ``eval``, as set: each a source, or a list of them for several corpora."""
     sources: dict[str, Any] = {}
     if data_cfg.train:
         sources["train"] = open_corpora(data_cfg) if isinstance(data_cfg.train, list) else open_split("train", data_cfg)
-    if data_cfg.eval:
+    if isinstance(data_cfg.eval, list):
+        sources["eval"] = [open_split("eval", dataclasses.replace(data_cfg, eval=c.path)) for c in data_cfg.eval]
+    elif data_cfg.eval:
         sources["eval"] = open_split("eval", data_cfg)
     return sources
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The language and task tokens of one corpus's labels (and of its decoding, for an eval set)."""
+
+    language: str | None
+    """Whisper language name (``french``); None for an English-only checkpoint, which has no language token."""
+    task: str | None
+    """None for an English-only checkpoint."""
+
+    @property
+    def code(self) -> str:
+        """The language's code (``fr``) that keys per-language metrics; ``en`` for an English-only checkpoint."""
+        from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+        return TO_LANGUAGE_CODE.get(self.language or "english", self.language or "en")
+
+
+def corpus_prompt(corpus: Corpus, model_cfg: ModelConfig, english_only: bool, key: str) -> Prompt:
+    """``corpus``'s language and task (the model's where it sets none); English-only checkpoints refuse others."""
+    from toolkit.modeling import language_name
+
+    language, task = corpus.language or model_cfg.language, corpus.task or model_cfg.task
+    if english_only:
+        if (language and language_name(language) != "english") or task == "translate":
+            raise DataError(f"{key}: {model_cfg.name_or_path} is English-only; a corpus in "
+                            f"{language!r} (task {task}) needs a multilingual checkpoint")
+        return Prompt(None, None)
+    return Prompt(language_name(language or ""), task)
+
+
+@contextlib.contextmanager
+def prompting(tokenizer: Any, prompt: Prompt) -> Iterator[tuple[int, ...]]:
+    """The tokenizer set to ``prompt``'s prefix tokens (yielded) for the block, then back to its own."""
+    saved = (tokenizer.language, tokenizer.task)
+    tokenizer.set_prefix_tokens(language=prompt.language, task=prompt.task, predict_timestamps=False)
+    try:
+        yield tuple(tokenizer.prefix_tokens)
+    finally:
+        tokenizer.set_prefix_tokens(language=saved[0], task=saved[1], predict_timestamps=False)
 
 
 def load_corpora(data_cfg: DataConfig, model_cfg: ModelConfig, tokenizer: Any, english_only: bool,
                  sources: list[Source | ShardSet]) -> tuple[LoadedSplit, Mix]:
     """Load each corpus with its own language and task tokens, and join them."""
-    from toolkit.modeling import language_name
-
     parts, prefixes = [], []
-    saved = (tokenizer.language, tokenizer.task)
-    try:
-        for i, (corpus, source) in enumerate(zip(corpora(data_cfg), sources, strict=True)):
-            language, task = corpus.language or model_cfg.language, corpus.task or model_cfg.task
-            if english_only and ((language and language_name(language) != "english") or task == "translate"):
-                raise DataError(f"data.train[{i}]: {model_cfg.name_or_path} is English-only; a corpus in "
-                                f"{language!r} (task {task}) needs a multilingual checkpoint")
-            tokenizer.set_prefix_tokens(language=None if english_only else language_name(language or ""),
-                                        task=None if english_only else task, predict_timestamps=False)
-            prefixes.append(tuple(tokenizer.prefix_tokens))
+    for i, (corpus, source) in enumerate(zip(corpora(data_cfg), sources, strict=True)):
+        with prompting(tokenizer, corpus_prompt(corpus, model_cfg, english_only, f"data.train[{i}]")) as prefix:
+            prefixes.append(prefix)
             parts.append(load_split("train", dataclasses.replace(data_cfg, train=corpus.path), tokenizer, source))
-    finally:
-        tokenizer.set_prefix_tokens(language=saved[0], task=saved[1], predict_timestamps=False)
     return join(parts, prefixes), Mix(
         offsets=np.cumsum([0, *(len(p.dataset) for p in parts[:-1])]).tolist(), sizes=[len(p.dataset) for p in parts],
         weights=[c.weight for c in corpora(data_cfg)], names=[p.source for p in parts])

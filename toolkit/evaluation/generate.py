@@ -73,6 +73,10 @@ class GenerationSettings:
     """Context each generate() call runs in (the training run's mixed precision)."""
     collect_predictions: bool = False
     """Also return id/reference/prediction rows (gathered on every rank)."""
+    language: str | None = None
+    """Whisper language to decode in (one of several eval sets); None: the model's generation config's."""
+    task: str | None = None
+    """Whisper task to decode with; None: the model's generation config's."""
 
     @classmethod
     def from_config(cls, eval_cfg: EvaluationConfig, **run: Any) -> GenerationSettings:
@@ -91,6 +95,10 @@ class EvalResult:
     """The eval batch size generation finished with (the one asked for unless it backed off)."""
     backoffs: list[dict[str, int]] = field(default_factory=list)
     """Each out-of-memory back-off, in order: ``{"from": 8, "to": 4}`` (:meth:`toolkit.oom.Backoff.to_dict`)."""
+    counts: CorpusCounts | None = None
+    """The error counts summed over ranks, which add up over eval sets (:mod:`toolkit.evaluation.sets`)."""
+    repeated: int | None = None
+    """Short-form: hypotheses that repeat a 4-gram 3 or more times (``repetition_rate``'s numerator)."""
 
 
 def eval_rounds(num_samples: int, batch_size: int, world_size: int) -> int:
@@ -126,8 +134,14 @@ def fitted_max_new_tokens(settings: GenerationSettings, dataset: SpeechDataset) 
     return min(settings.max_new_tokens, math.ceil(1.5 * dataset.longest_reference) + 8)
 
 
-def generation_config_for(model: Any, *, max_new_tokens: int, num_beams: int, static_cache: bool = False) -> Any:
+def generation_config_for(model: Any, *, max_new_tokens: int, num_beams: int, static_cache: bool = False,
+                          language: str | None = None, task: str | None = None) -> Any:
+    """The model's generation config with these limits; ``language``/``task`` (when set) replace its prompt."""
     config = copy.deepcopy(model.generation_config)
+    if language is not None:
+        config.language = language
+    if task is not None:
+        config.task = task
     if static_cache:
         config.cache_implementation = "static"
     config.max_new_tokens = max_new_tokens
@@ -186,7 +200,8 @@ def evaluate_model(
         run = _Evaluation(
             model, dataset, collator, tokenizer, normalize, settings, state,
             gen_config=generation_config_for(model, max_new_tokens=fitted_max_new_tokens(settings, dataset),
-                                             num_beams=settings.num_beams, static_cache=settings.static_cache),
+                                             num_beams=settings.num_beams, static_cache=settings.static_cache,
+                                             language=settings.language, task=settings.task),
             device=param.device, dtype=param.dtype,
         )
         size, backoffs = walk_rounds(run, _generate_round, "utterance", GENERATION_ADVICE)
@@ -199,7 +214,8 @@ def evaluate_model(
     metrics = {**total.metrics(), "repetition_rate": share(int(summed[-1]), total.num_samples),
                "seconds": round(seconds, 3)}
     metrics["utterances_per_second"] = round(total.num_samples / seconds, 3) if seconds > 0 else None
-    return EvalResult(metrics, predictions, batch_size=size, backoffs=[b.to_dict() for b in backoffs])
+    return EvalResult(metrics, predictions, batch_size=size, backoffs=[b.to_dict() for b in backoffs], counts=total,
+                      repeated=int(summed[-1]))
 
 
 @contextlib.contextmanager

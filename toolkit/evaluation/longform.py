@@ -111,6 +111,10 @@ class LongFormSettings:
     """Context each generate() call runs in (the training run's mixed precision)."""
     collect_predictions: bool = False
     """Also return id/reference/prediction rows (gathered on every rank)."""
+    language: str | None = None
+    """Whisper language to decode in; None: the model's generation config's."""
+    task: str | None = None
+    """Whisper task to decode with; None: the model's generation config's."""
 
     @classmethod
     def from_config(cls, eval_cfg: EvaluationConfig, **run: Any) -> LongFormSettings:
@@ -319,7 +323,7 @@ def evaluate_long_form(
             model, dataset, LongFormCollator(feature_extractor), tokenizer, normalize, settings, state,
             gen_config=generation_config_for(
                 model, max_new_tokens=max_new_tokens_for(model.config, settings.max_new_tokens),
-                num_beams=settings.num_beams,
+                num_beams=settings.num_beams, language=settings.language, task=settings.task,
             ),
             device=param.device, dtype=param.dtype,
         )
@@ -331,7 +335,7 @@ def evaluate_long_form(
     metrics = {**total.metrics(), **windows.metrics(), "temperature_fallback": settings.temperature_fallback,
                "audio_seconds": round(float(dataset.durations.sum()), 3)}
     metrics["seconds"] = round(time.perf_counter() - start, 3)
-    return EvalResult(metrics, predictions, batch_size=size, backoffs=[b.to_dict() for b in backoffs])
+    return EvalResult(metrics, predictions, batch_size=size, backoffs=[b.to_dict() for b in backoffs], counts=total)
 
 
 def _decode_round(run: _LongForm, batch: LongFormBatch | None, size: int, first: int) -> tuple[list[Transcript], bool]:

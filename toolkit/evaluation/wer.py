@@ -81,6 +81,10 @@ class CorpusCounts:
         self.chars_norm += char_errors(norm_refs, norm_hyps)
         self.num_samples += len(references)
 
+    def __add__(self, other: CorpusCounts) -> CorpusCounts:
+        return CorpusCounts(self.words_ortho + other.words_ortho, self.words_norm + other.words_norm,
+                            self.chars_norm + other.chars_norm, self.num_samples + other.num_samples)
+
     def to_tensor(self) -> torch.Tensor:
         values = self.words_ortho.as_list() + self.words_norm.as_list() + self.chars_norm.as_list()
         return torch.tensor([*values, self.num_samples], dtype=torch.long)

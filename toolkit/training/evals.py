@@ -1,7 +1,9 @@
 """The training run's evaluations: the main eval set and the regression guard (``evaluation.guard``).
 
 At every evaluation the main set (``data.eval``, short- or long-form) is transcribed, then each guard
-set. A guard set reports, under ``guard/NAME/``:
+set. ``data.eval`` as a list of sets is decoded set by set, each in its own language and with its own
+normaliser, and reported in total, per set and per language (:mod:`toolkit.evaluation.sets`).
+A guard set reports, under ``guard/NAME/``:
 
 * ``general`` (held-out speech: forgetting): ``wer``, ``insertion_rate``, ``repetition_rate``;
 * ``no_speech`` (silence and noise: hallucination): ``hallucination_rate`` (share of clips with any
@@ -24,11 +26,14 @@ from typing import Any
 
 from toolkit.config import GuardSet, RunConfig
 from toolkit.data.collator import WhisperCollator
+from toolkit.data.corpora import Prompt, corpus_prompt, prompting
 from toolkit.data.dataset import SpeechDataset
 from toolkit.data.pipeline import LoadedSplit, load_split
 from toolkit.data.sources import Source
 from toolkit.evaluation.generate import EvalResult, GenerationSettings, evaluate_model
 from toolkit.evaluation.longform import LONG_FORM_MAX_SECONDS, LongFormSettings, evaluate_long_form
+from toolkit.evaluation.normalize import make_normalizer
+from toolkit.evaluation.sets import SetResult, combined_result
 from toolkit.evaluation.signals import NoSpeechCounts
 
 logger = logging.getLogger(__name__)
@@ -43,11 +48,34 @@ REPORTED = {
 }
 
 
-def load_eval_split(config: RunConfig, tokenizer: Any, source: Source) -> LoadedSplit:
-    """``data.eval``: clips (references too long to decode dropped), or whole recordings (``evaluation.long_form``)."""
+@dataclass(frozen=True)
+class EvalSet:
+    """One ``data.eval`` set: its name (empty for a single ``data.eval``), its prompt and its data."""
+
+    name: str
+    prompt: Prompt | None
+    """How it is decoded; None: as the model's generation config says (a single ``data.eval``)."""
+    split: LoadedSplit
+
+
+def load_eval_sets(config: RunConfig, tokenizer: Any, english_only: bool, sources: Source | list[Source]) -> list[EvalSet]:
+    """``data.eval``: clips (references too long to decode dropped), or whole recordings
+    (``evaluation.long_form``); a list of sets each with its language and task tokens."""
+    if not isinstance(config.data.eval, list):
+        return [EvalSet("", None, _load_eval(config, tokenizer, config.data.eval, sources))]  # type: ignore[arg-type]
+    sets = []
+    for i, (corpus, source) in enumerate(zip(config.data.eval, sources, strict=True)):  # type: ignore[arg-type]
+        prompt = corpus_prompt(corpus, config.model, english_only, f"data.eval[{i}]")
+        with prompting(tokenizer, prompt):
+            sets.append(EvalSet(corpus.label, prompt, _load_eval(config, tokenizer, corpus.path, source)))
+    return sets
+
+
+def _load_eval(config: RunConfig, tokenizer: Any, path: str, source: Source) -> LoadedSplit:
+    data = dataclasses.replace(config.data, eval=path)
     if config.evaluation.long_form:
-        return load_split("eval", dataclasses.replace(config.data, max_duration_s=LONG_FORM_MAX_SECONDS), None, source)
-    return load_split("eval", config.data, tokenizer, source)
+        return load_split("eval", dataclasses.replace(data, max_duration_s=LONG_FORM_MAX_SECONDS), None, source)
+    return load_split("eval", data, tokenizer, source)
 
 
 def load_guard_split(config: RunConfig, guard: GuardSet, tokenizer: Any) -> LoadedSplit:
@@ -67,15 +95,14 @@ class Evaluator:
     feature_extractor: Any
     tokenizer: Any
     normalize: Callable[[str], str]
-    main: SpeechDataset | None
+    main: list[EvalSet]
     guards: list[tuple[GuardSet, SpeechDataset]]
 
     def run(self, model: Any, short: GenerationSettings) -> tuple[dict[str, Any], EvalResult | None]:
-        """(metrics, the main set's result) for ``model``; ``short`` is how short-form sets are decoded."""
+        """(metrics, the main sets' result) for ``model``; ``short`` is how short-form sets are decoded."""
         metrics: dict[str, Any] = {}
-        result = None
-        if self.main is not None:
-            result = self._transcribe(model, self.main, self.config.evaluation.long_form, short)
+        result = self.main_result(model, short) if self.main else None
+        if result is not None:
             metrics.update(result.metrics)
         for guard, dataset in self.guards:
             values = self.guard_metrics(model, guard, dataset, short)
@@ -83,6 +110,20 @@ class Evaluator:
         if "wer" in metrics:
             metrics["score"] = round(score(metrics, [g for g, _ in self.guards]), 4)
         return metrics, result
+
+    def main_result(self, model: Any, short: GenerationSettings) -> EvalResult:
+        """A single ``data.eval``'s result, or the sets' combined one (each decoded in its language)."""
+        long_form = self.config.evaluation.long_form
+        if len(self.main) == 1 and self.main[0].prompt is None:
+            return self._transcribe(model, self.main[0].split.dataset, long_form, short)
+        results = []
+        for item in self.main:
+            assert item.prompt is not None
+            normalize = make_normalizer(item.prompt.code == "en", self.tokenizer)
+            settings = dataclasses.replace(short, language=item.prompt.language, task=item.prompt.task)
+            result = self._transcribe(model, item.split.dataset, long_form, settings, normalize)
+            results.append(SetResult(item.name, item.prompt.code, result))
+        return combined_result(results)
 
     def guard_metrics(self, model: Any, guard: GuardSet, dataset: SpeechDataset,
                       short: GenerationSettings) -> dict[str, Any]:
@@ -96,13 +137,16 @@ class Evaluator:
             values["windows_with_timestamps"] = round(1 - values["windows_without_timestamps"], 6)
         return values
 
-    def _transcribe(self, model: Any, dataset: SpeechDataset, long_form: bool, short: GenerationSettings) -> EvalResult:
+    def _transcribe(self, model: Any, dataset: SpeechDataset, long_form: bool, short: GenerationSettings,
+                    normalize: Callable[[str], str] | None = None) -> EvalResult:
+        normalize = normalize or self.normalize
         if long_form:
             settings = LongFormSettings.from_config(
-                self.config.evaluation, batch_size=short.batch_size, num_workers=short.num_workers, autocast=short.autocast,
+                self.config.evaluation, batch_size=short.batch_size, num_workers=short.num_workers,
+                autocast=short.autocast, language=short.language, task=short.task,
             )
-            return evaluate_long_form(model, dataset, self.feature_extractor, self.tokenizer, self.normalize, settings)
-        return evaluate_model(model, dataset, self.collator, self.tokenizer, self.normalize, short)
+            return evaluate_long_form(model, dataset, self.feature_extractor, self.tokenizer, normalize, settings)
+        return evaluate_model(model, dataset, self.collator, self.tokenizer, normalize, short)
 
 
 def score(metrics: dict[str, Any], guards: list[GuardSet]) -> float:

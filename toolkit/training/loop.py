@@ -130,7 +130,7 @@ class TrainingRun:
         self.normalize = make_normalizer(self.loaded.english, self.loaded.processor.tokenizer)
         self.evaluator = Evaluator(
             config, self.collator, self.loaded.processor.feature_extractor, self.loaded.processor.tokenizer,
-            self.normalize, self.data.eval.dataset if self.data.eval else None,
+            self.normalize, self.data.evals,
             [(guard, split.dataset) for guard, split in zip(config.evaluation.guard, self.data.guards, strict=True)],
         )
         model = self.loaded.model
@@ -345,7 +345,7 @@ class TrainingRun:
 
     @property
     def evaluates(self) -> bool:
-        return self.data.eval is not None or bool(self.data.guards)
+        return bool(self.data.evals or self.data.guards)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

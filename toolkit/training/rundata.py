@@ -18,7 +18,7 @@ from toolkit.data.packing import Packer
 from toolkit.data.pipeline import LoadedSplit, load_split
 from toolkit.data.sources import Source
 from toolkit.output import write_skipped
-from toolkit.training.evals import load_eval_split, load_guard_split
+from toolkit.training.evals import EvalSet, load_eval_sets, load_guard_split
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class RunData:
     train: LoadedSplit
-    eval: LoadedSplit | None
+    evals: list[EvalSet]
+    """``data.eval``'s sets: none, the one set, or each of a list."""
     guards: list[LoadedSplit] = field(default_factory=list)
     """The ``evaluation.guard`` sets' data, in their order."""
     train_seconds: float = 0.0
@@ -35,7 +36,7 @@ class RunData:
     """Several corpora: where each lies in ``train`` and its weight."""
 
     def splits(self) -> list[LoadedSplit]:
-        return [self.train, *([self.eval] if self.eval else []), *self.guards]
+        return [self.train, *(s.split for s in self.evals), *self.guards]
 
 
 def load_run_data(config: RunConfig, sources: dict[str, Source], tokenizer: Any, vocab_size: int,
@@ -48,7 +49,8 @@ def load_run_data(config: RunConfig, sources: dict[str, Source], tokenizer: Any,
     else:
         train = load_split("train", config.data, tokenizer, sources["train"])
     seconds = time.perf_counter() - tick
-    evaluation = load_eval_split(config, tokenizer, sources["eval"]) if "eval" in sources else None
+    english_only = tokenizer.language is None
+    evaluation = load_eval_sets(config, tokenizer, english_only, sources["eval"]) if "eval" in sources else []
     guards = [load_guard_split(config, guard, tokenizer) for guard in config.evaluation.guard]
     data = RunData(train, evaluation, guards, seconds, mix)
     if skipped is not None:
