@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -227,3 +228,53 @@ def test_cli_set_flags() -> None:
     assert (args.long_form, args.long_minutes, args.no_speech) == (3, [2.0, 5.0], 0)
     args = build_parser().parse_args(["synth", "--out", "o", "--no-speech", "2", "--long-minutes", "0.2", "0.3"])
     assert (args.long_form, args.long_minutes, args.no_speech, args.train) == (0, [0.2, 0.3], 2, 400)
+
+
+@needs_espeak
+def test_french_corpus_has_french_transcripts_and_is_deterministic(tmp_path: Path) -> None:
+    out, again = tmp_path / "fr", tmp_path / "fr-again"
+    summary = synth.synthesize_corpus(out, train=3, dev=2, seed=4, jobs=2, language="fr")
+    assert summary["language"] == "fr" and summary["hours"] > 0
+    for split, count in (("train", 3), ("dev", 2)):
+        rows = read_metadata(out / split)
+        assert [row["sentence"] for row in rows] == synth.generate_sentences(count, seed=4, split=split, language="fr")
+        for row in rows:
+            audio, rate = sf.read(out / split / row["file_name"])
+            assert rate == 16_000 and audio.ndim == 1 and 0.5 < len(audio) / rate < 15
+            assert rms(audio) > 0.01, "silent clip"
+    synth.synthesize_corpus(again, train=3, dev=2, seed=4, jobs=1, language="fr")
+    assert all_files(again) == all_files(out)  # metadata and audio, whatever the number of jobs
+
+
+def test_french_sentences_are_french_and_split_like_english() -> None:
+    train = synth.generate_sentences(300, seed=1, language="fr")
+    dev = synth.generate_sentences(100, seed=1, split="dev", language="fr")
+    assert train == synth.generate_sentences(300, seed=1, language="fr")
+    assert train[:20] == synth.generate_sentences(20, seed=1, language="fr")
+    assert not {synth.normalise(s) for s in train} & {synth.normalise(s) for s in dev}
+    text = " ".join(train)
+    assert not text.isascii() and {"é", "è", "à"} <= set(text)  # accents reach the tokenizer
+    for sentence in train:
+        assert sentence[0].isupper() and sentence[-1] in ".?!"
+        assert 5 <= len(synth.normalise(sentence).split()) <= 15
+    # Elision and contraction: no "le élève", "que Inès", "à le".
+    assert not re.search(r"\b(le|la|de|que|ma|sa|ce) [aeiouéèêàâîôûh]|\bà le |\bde le ", text, re.IGNORECASE)
+    assert synth.normalise("L'élève a bu un café à côté de l'école !") == "l'élève a bu un café à côté de l'école"
+    plan = synth.plan_split("train", 40, seed=1, language="fr")
+    assert {u.voice.split("+")[0] for u in plan} <= {"fr", "fr-be", "fr-ch"} and len({u.voice for u in plan}) > 5
+    # Long-form recordings follow the language: French voices reading French dev-side sentences.
+    recording = synth_long.plan_recording(0, seed=1, language="fr")
+    assert recording.language == "fr" and recording.voice.split("+")[0] in {"fr", "fr-be", "fr-ch"}
+    stream = synth_long.dev_sentences(1, 0, "fr")
+    first = [next(stream) for _ in range(3)]
+    assert all(synth.split_of(s) == "dev" for s in first) and not "".join(first).isascii()
+
+
+def test_unknown_language_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(synth.SynthError, match="--language must be one of en, fr; got 'xx'"):
+        synth.synthesize_corpus(tmp_path / "out", train=1, dev=1, language="xx")
+    assert not (tmp_path / "out").exists()
+    args = build_parser().parse_args(["synth", "--out", "o", "--language", "fr"])
+    assert args.language == "fr" and build_parser().parse_args(["synth", "--out", "o"]).language == "en"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["synth", "--out", "o", "--language", "de"])

@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=16, help="bench features: batch size")
     bench.add_argument("--workdir", default=None, help="bench features: where to write the feature store")
 
-    synth = sub.add_parser("synth", help="synthesise an English audiofolder corpus with espeak-ng (no download)")
+    from toolkit.synth_words import LANGUAGES  # stdlib only: no audio stack at parse time
+
+    synth = sub.add_parser(
+        "synth", help="synthesise an English or French audiofolder corpus with espeak-ng (no download)"
+    )
     synth.add_argument(
         "--out", required=True, help="output directory; gets train/ and dev/ (and longform/, nospeech/) audiofolders"
     )
@@ -78,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--no-speech", type=int, default=0, metavar="N",
         help="also write N clips of silence, noise or hum (2-30 s) to nospeech/",
+    )
+    synth.add_argument(
+        "--language", choices=sorted(LANGUAGES), default="en",
+        help="language of the sentences and espeak-ng voices (default en)",
     )
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="espeak-ng processes at once")
@@ -247,7 +255,7 @@ def _run(argv: list[str] | None) -> int:
             summary = synth_long.synthesize_sets(
                 args.out, train=args.train, dev=args.dev, long_form=args.long_form,
                 long_minutes=tuple(args.long_minutes), no_speech=args.no_speech, seed=args.seed,
-                jobs=args.jobs, overwrite=args.overwrite, progress=progress,
+                jobs=args.jobs, overwrite=args.overwrite, progress=progress, language=args.language,
             )
             print(json.dumps(summary), flush=True)
         elif args.command == "prepare":

@@ -1,4 +1,4 @@
-"""Synthesise a small English speech corpus with ``espeak-ng``: no download, no Hub, fully seeded.
+"""Synthesise a small speech corpus (English or French) with ``espeak-ng``: no download, no Hub, fully seeded.
 
 The corpus is written in ``audiofolder`` layout, which :mod:`toolkit.data.sources` reads directly::
 
@@ -7,11 +7,14 @@ The corpus is written in ``audiofolder`` layout, which :mod:`toolkit.data.source
     OUT/dev/metadata.csv
     OUT/dev/dev-000000.flac ...
 
-Sentences come from a built-in generator (word lists and templates, 5-15 words each). A sentence
+Sentences come from a built-in generator per language (word lists and templates, 5-15 words each;
+see :mod:`toolkit.synth_words`, which also lists each language's espeak-ng voices). A sentence
 belongs to ``train`` or ``dev`` by a hash of its normalised text, so the two splits can never share a
 sentence, and the dev set for a seed does not depend on how many training sentences are asked for.
 Each utterance gets a voice, a speed (130-190 words per minute) and a pitch (30-70) drawn from a
 generator seeded by ``(seed, split, index)``: the corpus is the same whatever the number of jobs.
+Every seed string of a language other than English also names the language, so an English and a
+French corpus with the same seed do not share speeds and pitches; English keeps its original seeds.
 
 :mod:`toolkit.synth_long` adds two evaluation sets made from the same pieces: long-form recordings
 (several dev-side sentences with pauses, and their segment times) and no-speech clips.
@@ -41,8 +44,11 @@ import soundfile as sf
 import soxr
 
 from toolkit.data.sources import DataError
+from toolkit.synth_words import LANGUAGES, Language
 
 logger = logging.getLogger(__name__)
+
+_WORD = re.compile(r"(?:[^\W\d_]|')+")
 
 SAMPLE_RATE = 16_000
 SPLITS = ("train", "dev")
@@ -50,85 +56,6 @@ DEV_BUCKETS = 5  # one normalised sentence in DEV_BUCKETS may go to dev, the oth
 MIN_WORDS, MAX_WORDS = 5, 15
 SPEED_RANGE = (130, 190)  # words per minute
 PITCH_RANGE = (30, 70)  # espeak-ng's 0-99 scale
-
-# espeak-ng's own English voices (Debian's espeak-ng-data 1.51); the mbrola ones ("mb-...") need the
-# separate mbrola package and are left out. A variant adds timbre: m* male, f* female formants.
-VOICES = (
-    "en-us",
-    "en-gb",
-    "en-gb-x-rp",
-    "en-gb-scotland",
-    "en-029",
-    "en-us-nyc",
-    "en-gb-x-gbclan",
-    "en-gb-x-gbcwmd",
-)
-VARIANTS = ("m1", "m2", "m3", "m4", "m7", "f1", "f2", "f3", "f4")
-
-NAMES = (
-    "Anna", "Peter", "Maria", "James", "Sofia", "David", "Laura", "Thomas", "Emma", "Daniel",
-    "Olivia", "Samuel", "Grace", "Henry", "Lucy", "Oliver", "Hannah", "Jack", "Alice", "Robert",
-)
-PEOPLE = (
-    "teacher", "doctor", "farmer", "driver", "baker", "student", "neighbour", "manager", "pilot", "nurse",
-    "painter", "gardener", "singer", "writer", "engineer", "captain", "librarian", "old man", "young woman",
-    "little boy",
-)
-ADJECTIVES = (
-    "small", "big", "red", "green", "blue", "heavy", "quiet", "warm", "cold", "new", "broken", "wooden",
-    "bright", "dusty", "strange", "lovely", "tiny", "yellow", "clean", "empty", "shiny", "soft", "old",
-    "useful", "expensive", "simple",
-)
-THINGS = (
-    "box", "letter", "bicycle", "kettle", "window", "book", "basket", "lamp", "chair", "map", "ticket",
-    "jacket", "bottle", "garden", "picture", "clock", "umbrella", "blanket", "radio", "camera", "table",
-    "bucket", "ladder", "envelope", "notebook", "candle", "guitar", "bridge", "boat", "key",
-)
-PAST_VERBS = (
-    ("found", "find"), ("carried", "carry"), ("painted", "paint"), ("opened", "open"), ("cleaned", "clean"),
-    ("bought", "buy"), ("sold", "sell"), ("fixed", "fix"), ("moved", "move"), ("washed", "wash"),
-    ("borrowed", "borrow"), ("dropped", "drop"), ("lost", "lose"), ("brought", "bring"), ("checked", "check"),
-    ("hid", "hide"), ("built", "build"), ("wrapped", "wrap"), ("returned", "return"), ("noticed", "notice"),
-)
-PLACES = (
-    "in the kitchen", "near the river", "at the station", "behind the house", "in the garden",
-    "on the bus", "at the market", "under the bridge", "in the library", "by the window",
-    "at the office", "on the beach", "in the village", "at the harbour", "in the park",
-    "next to the school", "on the top shelf", "in the hallway",
-)
-PAST_TIMES = (
-    "yesterday", "last night", "this morning", "on Monday", "after lunch", "last summer",
-    "a week ago", "before dinner", "early on Sunday", "late in the evening",
-)
-FUTURE_TIMES = (
-    "tomorrow", "next week", "on Friday", "after the meeting", "before the holidays", "tonight",
-    "in the spring", "later this afternoon",
-)
-STATES = ("warm", "wet", "open", "locked", "dirty", "missing", "cold", "full", "empty", "on the floor")
-FEELINGS = ("happy", "surprised", "tired", "worried", "proud", "calm", "excited", "nervous")
-WEATHER = (
-    "it was raining", "the sun was shining", "the wind was strong", "it started to snow",
-    "the sky was grey", "the streets were quiet",
-)
-
-TEMPLATES = (
-    "{subj} {past} {obj} {place}.",
-    "{Past_time}, {subj} {past} {obj}.",
-    "{subj} {past} {obj} {place} {past_time}.",
-    "Did {subj} really {base} {obj} {place}?",
-    "{subj} will {base} {obj} {future_time}.",
-    "Please {base} {obj} {future_time}.",
-    "{subj} said that {subj2} {past} {obj}.",
-    "Why did {subj} {base} {obj} {past_time}?",
-    "{obj} was still {state} when {subj} came home.",
-    "When {weather}, {subj} felt {feeling} and stayed {place}.",
-    "{subj} was {feeling} because {subj2} {past} {obj}.",
-    "I think {subj} left {obj} {place}.",
-    "We asked {subj} to {base} {obj} {future_time}.",
-    "Look, {subj} just {past} {obj}!",
-    "{subj} never {past} {obj} again.",
-)
-
 
 class SynthError(DataError):
     """The corpus cannot be synthesised (espeak-ng missing or failing, bad arguments)."""
@@ -162,8 +89,12 @@ def find_espeak() -> str:
 
 
 def normalise(sentence: str) -> str:
-    """Lower-case words only: two sentences that differ in case or punctuation count as the same."""
-    return " ".join(re.findall(r"[a-z']+", sentence.lower()))
+    """Lower-case words only: two sentences that differ in case or punctuation count as the same.
+
+    A word is a run of letters (accented ones too) and apostrophes; on ASCII text without digits this
+    is the ``[a-z']+`` of the English-only version, so English splits are unchanged.
+    """
+    return " ".join(_WORD.findall(sentence.lower()))
 
 
 def split_of(sentence: str) -> str:
@@ -172,56 +103,25 @@ def split_of(sentence: str) -> str:
     return "dev" if digest[0] % DEV_BUCKETS == 0 else "train"
 
 
-def _with_article(rng: random.Random, noun_phrase: str) -> str:
-    article = rng.choice(("the", "a", "my", "our", "that", "his", "her"))
-    if article == "a" and (noun_phrase[0] in "aeio" or noun_phrase.startswith(("um", "un"))):
-        article = "an"
-    return f"{article} {noun_phrase}"
+def get_language(code: str) -> Language:
+    """The :class:`~toolkit.synth_words.Language` for a code, or a :class:`SynthError` naming the choices."""
+    try:
+        return LANGUAGES[code]
+    except KeyError:
+        raise SynthError(f"--language must be one of {', '.join(LANGUAGES)}; got {code!r}") from None
 
 
-def _subject(rng: random.Random) -> str:
-    if rng.random() < 0.45:
-        return rng.choice(NAMES)
-    return f"{rng.choice(('the', 'my', 'our', 'a'))} {rng.choice(PEOPLE)}"
+def random_sentence(rng: random.Random, language: str = "en") -> str:
+    """One sentence of ``language`` from a random template; capitalised, ending in punctuation."""
+    return get_language(language).sentence(rng)
 
 
-def _object(rng: random.Random) -> str:
-    noun = rng.choice(THINGS)
-    return _with_article(rng, f"{rng.choice(ADJECTIVES)} {noun}" if rng.random() < 0.7 else noun)
-
-
-def random_sentence(rng: random.Random) -> str:
-    """One sentence from a random template; capitalised, ending in punctuation."""
-    template = rng.choice(TEMPLATES)
-    past, base = rng.choice(PAST_VERBS)
-    subj = _subject(rng)
-    subj2 = _subject(rng)
-    while subj2 == subj:
-        subj2 = _subject(rng)
-    past_time = rng.choice(PAST_TIMES)
-    fields = {
-        "subj": subj,
-        "subj2": subj2,
-        "obj": _object(rng),
-        "past": past,
-        "base": base,
-        "place": rng.choice(PLACES),
-        "past_time": past_time,
-        "Past_time": past_time[0].upper() + past_time[1:],
-        "future_time": rng.choice(FUTURE_TIMES),
-        "state": rng.choice(STATES),
-        "feeling": rng.choice(FEELINGS),
-        "weather": rng.choice(WEATHER),
-    }
-    text = template.format(**fields)
-    return text[0].upper() + text[1:]
-
-
-def generate_sentences(count: int, *, seed: int = 0, split: str = "train") -> list[str]:
-    """``count`` distinct sentences of ``split``, the same for the same ``seed`` (and for any larger count)."""
+def generate_sentences(count: int, *, seed: int = 0, split: str = "train", language: str = "en") -> list[str]:
+    """``count`` distinct ``language`` sentences of ``split``, the same for the same ``seed`` (and any larger count)."""
     if split not in SPLITS:
         raise SynthError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    rng = random.Random(f"whisper-toolkit-sentences:{seed}:{split}")
+    lang = get_language(language)
+    rng = random.Random(f"whisper-toolkit-sentences:{lang.seed_tag}{seed}:{split}")
     sentences: list[str] = []
     seen: set[str] = set()
     attempts = 0
@@ -230,7 +130,7 @@ def generate_sentences(count: int, *, seed: int = 0, split: str = "train") -> li
         attempts += 1
         if attempts > max_attempts:
             raise SynthError(f"could only generate {len(sentences)} distinct {split} sentences of {count} asked for")
-        sentence = random_sentence(rng)
+        sentence = lang.sentence(rng)
         key = normalise(sentence)
         if key in seen or split_of(sentence) != split or not MIN_WORDS <= len(key.split()) <= MAX_WORDS:
             continue
@@ -239,12 +139,13 @@ def generate_sentences(count: int, *, seed: int = 0, split: str = "train") -> li
     return sentences
 
 
-def plan_split(split: str, count: int, seed: int) -> list[Utterance]:
+def plan_split(split: str, count: int, seed: int, language: str = "en") -> list[Utterance]:
     """Sentences and voice settings for every clip of a split."""
+    lang = get_language(language)
     utterances = []
-    for index, sentence in enumerate(generate_sentences(count, seed=seed, split=split)):
-        rng = random.Random(f"whisper-toolkit-voice:{seed}:{split}:{index}")
-        voice = f"{rng.choice(VOICES)}+{rng.choice(VARIANTS)}"
+    for index, sentence in enumerate(generate_sentences(count, seed=seed, split=split, language=language)):
+        rng = random.Random(f"whisper-toolkit-voice:{lang.seed_tag}{seed}:{split}:{index}")
+        voice = f"{rng.choice(lang.voices)}+{rng.choice(lang.variants)}"
         utterances.append(
             Utterance(split, index, sentence, voice, rng.randint(*SPEED_RANGE), rng.randint(*PITCH_RANGE))
         )
@@ -254,8 +155,9 @@ def plan_split(split: str, count: int, seed: int) -> list[Utterance]:
 def speak(espeak: str, text: str, *, voice: str, speed: int, pitch: int, wav: Path) -> np.ndarray:
     """``text`` spoken by espeak-ng as 16 kHz mono float32 in [-1, 1]; ``wav`` is a scratch file."""
     cmd = [espeak, "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(wav)]
-    # The text goes through stdin so that nothing in it can be taken for an option.
-    result = subprocess.run(cmd, input=text, capture_output=True, text=True, check=False)
+    # The text goes through stdin so that nothing in it can be taken for an option; as UTF-8 whatever
+    # the locale, which espeak-ng reads by default.
+    result = subprocess.run(cmd, input=text, capture_output=True, encoding="utf-8", errors="replace", check=False)
     if result.returncode != 0 or not wav.is_file():
         raise SynthError(
             f"espeak-ng failed (exit {result.returncode}) on {text!r} with voice "
@@ -307,8 +209,9 @@ def synthesize_corpus(
     jobs: int = 2,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    language: str = "en",
 ) -> dict[str, int | float | str]:
-    """Write ``out/train`` and ``out/dev`` audiofolders; returns counts and durations.
+    """Write ``out/train`` and ``out/dev`` audiofolders of ``language`` speech; returns counts and durations.
 
     ``jobs`` espeak-ng processes run at once. An existing split (one with a ``metadata.csv``) is an
     error unless ``overwrite``, which deletes the split directories first. ``progress(done, total)``
@@ -318,6 +221,7 @@ def synthesize_corpus(
         raise SynthError(f"--train and --dev must be at least 1; got train={train}, dev={dev}")
     if jobs < 1:
         raise SynthError(f"--jobs must be at least 1; got {jobs}")
+    get_language(language)
     espeak = find_espeak()
     root = Path(out).expanduser()
     counts = {"train": train, "dev": dev}
@@ -329,7 +233,7 @@ def synthesize_corpus(
             shutil.rmtree(split_dir)
         split_dir.mkdir(parents=True, exist_ok=True)
 
-    plans = {split: plan_split(split, counts[split], seed) for split in SPLITS}
+    plans = {split: plan_split(split, counts[split], seed, language) for split in SPLITS}
     work = [utt for split in SPLITS for utt in plans[split]]
     samples = dict.fromkeys(SPLITS, 0)
     start = time.perf_counter()
@@ -354,6 +258,7 @@ def synthesize_corpus(
         "train_hours": round(seconds["train"] / 3600, 4),
         "dev_hours": round(seconds["dev"] / 3600, 4),
         "hours": round(sum(seconds.values()) / 3600, 4),
+        "language": language,
         "seed": seed,
         "jobs": jobs,
         "elapsed_s": round(time.perf_counter() - start, 1),

@@ -15,6 +15,9 @@ sentence's speech (:func:`toolkit.data.audio.speech_bounds` of its own clip) shi
 A no-speech clip is 2-30 s of silence, low-level white or pink noise, mains hum (50/60 Hz and
 harmonics), or hum with noise under it; ``sentence`` is empty and ``no_speech`` is ``true``.
 
+Long-form recordings are in the corpus's language (``language``, English by default; seed strings
+name a language other than English, as in :mod:`toolkit.synth`); no-speech clips have none.
+
 Everything is drawn from generators seeded by ``(seed, set, index)``, and each recording is made by
 one worker, so the output is the same for any number of jobs. A set is written into a hidden
 temporary directory under OUT and renamed into place when complete.
@@ -48,12 +51,10 @@ from toolkit.synth import (
     PITCH_RANGE,
     SAMPLE_RATE,
     SPEED_RANGE,
-    VARIANTS,
-    VOICES,
     SynthError,
     find_espeak,
+    get_language,
     normalise,
-    random_sentence,
     speak,
     split_of,
     synthesize_corpus,
@@ -79,13 +80,14 @@ class Progress(Protocol):
 
 @dataclass(frozen=True)
 class Recording:
-    """One long-form recording to make: its speaker and the length to reach."""
+    """One long-form recording to make: its speaker, the length to reach and its language."""
 
     index: int
     voice: str
     speed: int
     pitch: int
     target_seconds: float
+    language: str = "en"
 
     @property
     def file_name(self) -> str:
@@ -119,21 +121,25 @@ class NoSpeechClip:
         return f"{NO_SPEECH_DIR}-{self.index:06d}.flac"
 
 
-def plan_recording(index: int, seed: int, minutes: tuple[float, float] = LONG_MINUTES) -> Recording:
+def plan_recording(
+    index: int, seed: int, minutes: tuple[float, float] = LONG_MINUTES, language: str = "en"
+) -> Recording:
     """Speaker and target length of recording ``index``."""
-    rng = random.Random(f"whisper-toolkit-longform:{seed}:{index}")
-    voice = f"{rng.choice(VOICES)}+{rng.choice(VARIANTS)}"
+    lang = get_language(language)
+    rng = random.Random(f"whisper-toolkit-longform:{lang.seed_tag}{seed}:{index}")
+    voice = f"{rng.choice(lang.voices)}+{rng.choice(lang.variants)}"
     speed, pitch = rng.randint(*SPEED_RANGE), rng.randint(*PITCH_RANGE)
-    return Recording(index, voice, speed, pitch, rng.uniform(*minutes) * 60)
+    return Recording(index, voice, speed, pitch, rng.uniform(*minutes) * 60, language)
 
 
-def dev_sentences(seed: int, index: int) -> Iterator[str]:
-    """An endless stream of distinct dev-side sentences for recording ``index``."""
-    rng = random.Random(f"whisper-toolkit-longform-sentences:{seed}:{index}")
+def dev_sentences(seed: int, index: int, language: str = "en") -> Iterator[str]:
+    """An endless stream of distinct dev-side ``language`` sentences for recording ``index``."""
+    lang = get_language(language)
+    rng = random.Random(f"whisper-toolkit-longform-sentences:{lang.seed_tag}{seed}:{index}")
     seen: set[str] = set()
     misses = 0
     while True:
-        sentence = random_sentence(rng)
+        sentence = lang.sentence(rng)
         key = normalise(sentence)
         if key in seen or split_of(sentence) != "dev" or not MIN_WORDS <= len(key.split()) <= MAX_WORDS:
             misses += 1
@@ -147,13 +153,14 @@ def dev_sentences(seed: int, index: int) -> Iterator[str]:
 
 def synthesize_recording(espeak: str, recording: Recording, seed: int, out_dir: Path, tmp_dir: Path) -> LongFormRow:
     """Speak sentences with pauses into ``out_dir`` until the recording's target length is reached."""
-    pauses = random.Random(f"whisper-toolkit-longform-pauses:{seed}:{recording.index}")
+    tag = get_language(recording.language).seed_tag
+    pauses = random.Random(f"whisper-toolkit-longform-pauses:{tag}{seed}:{recording.index}")
     target = round(recording.target_seconds * SAMPLE_RATE)
     wav = tmp_dir / f"{LONG_DIR}-{recording.index:06d}.wav"
     pieces: list[np.ndarray] = []
     spans: list[tuple[int, float, float, str]] = []  # clip offset (samples), speech bounds in the clip, text
     length = 0
-    for sentence in dev_sentences(seed, recording.index):
+    for sentence in dev_sentences(seed, recording.index, recording.language):
         if pieces:
             pause = np.zeros(round(pauses.uniform(*PAUSE_SECONDS) * SAMPLE_RATE), dtype=np.float32)
             pieces.append(pause)
@@ -274,13 +281,20 @@ def _publish(staging: Path, target: Path) -> None:
 
 
 def synthesize_long_form(
-    root: Path, count: int, *, minutes: tuple[float, float], seed: int, jobs: int, progress: Progress | None
+    root: Path,
+    count: int,
+    *,
+    minutes: tuple[float, float],
+    seed: int,
+    jobs: int,
+    progress: Progress | None,
+    language: str = "en",
 ) -> int:
     """Write ``root/longform``; returns its total number of samples. Arguments are already checked."""
     espeak = find_espeak()
     staging = _staging_dir(root, LONG_DIR)
     try:
-        plans = [plan_recording(index, seed, minutes) for index in range(count)]
+        plans = [plan_recording(index, seed, minutes, language) for index in range(count)]
         with tempfile.TemporaryDirectory(prefix="espeak-") as tmp, ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(synthesize_recording, espeak, plan, seed, staging, Path(tmp)) for plan in plans]
             rows: list[LongFormRow] = _gather(futures, progress, "long-form recordings")
@@ -324,8 +338,11 @@ def synthesize_sets(
     jobs: int = 2,
     overwrite: bool = False,
     progress: Progress | None = None,
+    language: str = "en",
 ) -> dict[str, int | float | str]:
     """The train/dev corpus (unless ``train`` and ``dev`` are both 0) and the long-form and no-speech sets.
+
+    ``language`` is that of the train/dev sentences and of the long-form recordings.
 
     Without ``long_form`` or ``no_speech`` this is :func:`toolkit.synth.synthesize_corpus`, summary
     included. Otherwise every argument and output directory is checked before anything is written, and
@@ -336,9 +353,11 @@ def synthesize_sets(
         raise SynthError(f"--long-minutes needs 0 < MIN <= MAX; got {low:g} {high:g}")
     if long_form < 0 or no_speech < 0:
         raise SynthError(f"--long-form and --no-speech must not be negative; got {long_form}, {no_speech}")
+    get_language(language)
     if not (long_form or no_speech):
         return synthesize_corpus(
-            out, train=train, dev=dev, seed=seed, jobs=jobs, overwrite=overwrite, progress=progress
+            out, train=train, dev=dev, seed=seed, jobs=jobs, overwrite=overwrite, progress=progress,
+            language=language,
         )
     if (train, dev) != (0, 0) and (train < 1 or dev < 1):
         raise SynthError(
@@ -358,15 +377,18 @@ def synthesize_sets(
     summary: dict[str, int | float | str] = {"out": str(root)}
     if train:
         summary = synthesize_corpus(
-            root, train=train, dev=dev, seed=seed, jobs=jobs, overwrite=overwrite, progress=progress
+            root, train=train, dev=dev, seed=seed, jobs=jobs, overwrite=overwrite, progress=progress,
+            language=language,
         )
     root.mkdir(parents=True, exist_ok=True)
     if long_form:
         samples = synthesize_long_form(
-            root, long_form, minutes=(low, high), seed=seed, jobs=jobs, progress=progress
+            root, long_form, minutes=(low, high), seed=seed, jobs=jobs, progress=progress, language=language
         )
         summary |= {"long_form": long_form, "long_form_hours": round(samples / SAMPLE_RATE / 3600, 4)}
     if no_speech:
         samples = synthesize_no_speech(root, no_speech, seed=seed, jobs=jobs, progress=progress)
         summary |= {"no_speech": no_speech, "no_speech_hours": round(samples / SAMPLE_RATE / 3600, 4)}
-    return summary | {"seed": seed, "jobs": jobs, "elapsed_s": round(time.perf_counter() - start, 1)}
+    return summary | {
+        "language": language, "seed": seed, "jobs": jobs, "elapsed_s": round(time.perf_counter() - start, 1)
+    }

@@ -1,0 +1,95 @@
+"""Two languages of real (espeak-ng) speech: each sample's language token and transcript follow its corpus.
+
+The tone-clip version is :mod:`tests.training.test_corpora`; here the French corpus is French speech
+with accented transcripts, so the tokenizer round trip of non-ASCII text is checked too.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+from toolkit import synth
+from toolkit.config import load_config
+from toolkit.data.loader import TimedBatches
+from toolkit.training.loop import TrainingRun
+
+pytestmark = [
+    pytest.mark.usefixtures("fresh_accelerate"),
+    pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not on PATH (apt-get install espeak-ng)"),
+]
+
+COUNTS = {"en": 8, "fr": 6}
+
+
+def _transcripts(folder: Path) -> dict[str, str]:
+    with (folder / "metadata.csv").open(newline="", encoding="utf-8") as handle:
+        return {row["file_name"]: row["sentence"] for row in csv.DictReader(handle)}
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An English and a French audiofolder, named after their language (corpus names must differ)."""
+    root = tmp_path_factory.mktemp("espeak-languages")
+    folders = {}
+    for language, count in COUNTS.items():
+        synth.synthesize_corpus(root / f"synth-{language}", train=count, dev=1, seed=2, jobs=4, language=language)
+        folders[language] = (root / f"synth-{language}" / "train").rename(root / language)
+    return folders
+
+
+def _config(model: Path, corpora: dict[str, Path], out: Path, *overrides: str):  # noqa: ANN202
+    train = (f"[{{path: {corpora['en']}, weight: 0.7, language: en}}, "
+             f"{{path: {corpora['fr']}, weight: 0.3, language: fr}}]")
+    values = [f"model.name_or_path={model}", "model.language=en", f"data.train={train}", "data.eval=null",
+              "data.num_workers=0", "training.max_steps=2", "training.global_batch_size=8",
+              "training.micro_batch_size=4", "training.save_every=0", "evaluation.at_start=false",
+              f"output.dir={out}", *overrides]
+    return load_config(ROOT / "recipes" / "demo.yaml", values)
+
+
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_language_tokens_and_french_transcripts_follow_the_corpus(
+    tiny_multilingual_model: Path, corpora: dict[str, Path], tmp_path: Path, packing: str
+) -> None:
+    run = TrainingRun(_config(tiny_multilingual_model, corpora, tmp_path / "run", f"data.packing={packing}"))
+    run.setup()
+    tokenizer = run.loaded.processor.tokenizer
+    dataset = run.data.train.dataset
+    assert run.data.mix.sizes == [COUNTS["en"], COUNTS["fr"]]
+    languages = ("en", "fr")
+    lang = {code: tokenizer.convert_tokens_to_ids(f"<|{code}|>") for code in languages}
+    transcripts = {code: _transcripts(corpora[code]) for code in languages}
+    corpus_of = np.repeat([0, 1], run.data.mix.sizes)
+    seen = [0, 0]
+    french_single = 0
+    french_texts: list[str] = []
+    for step in range(30):
+        for item in run.sampler.step_items(step, run.plan):
+            rows = item.unit if isinstance(item.unit, tuple) else (item.unit,)
+            corpus = int(corpus_of[rows[0]])
+            assert all(corpus_of[r] == corpus for r in rows)  # a window never mixes corpora
+            example = dataset[item]
+            prompt = example.prompt_length
+            assert example.labels[prompt + 1] == lang[languages[corpus]], example.labels[:6]
+            seen[corpus] += 1
+            if corpus == 1:
+                # Timestamp tokens and specials are dropped; a timestamped layout starts with a space.
+                text = tokenizer.decode(example.labels[prompt:], skip_special_tokens=True).strip()
+                expected = " ".join(transcripts["fr"][name] for name in example.id.split("+"))
+                assert text == expected
+                french_texts.append(text)
+                french_single += len(rows) == 1
+    assert seen[0] > seen[1] > 0
+    assert french_texts and not "".join(french_texts).isascii()  # accents survived the tokenizer
+    if packing == "false":
+        assert french_single > 0
+    run.batches = TimedBatches(run.train_loader(0))
+    run.step.model.train()
+    stats = run.train_step(0)
+    assert stats.tokens > 0 and np.isfinite(float(stats.loss_sum))
