@@ -138,7 +138,7 @@ class DataConfig:
             raise ConfigError("data.train or data.eval must be set")
         for key in ("train", "eval"):
             if isinstance(getattr(self, key), list):
-                check_corpora(f"data.{key}", getattr(self, key))
+                check_corpora(f"data.{key}", getattr(self, key), named=key == "eval")
         if not 0 < self.max_duration_s <= 30.0:
             raise ConfigError(f"data.max_duration_s must be in (0, 30], got {self.max_duration_s}")
         if not 0 < self.max_label_tokens <= WHISPER_MAX_TARGET_POSITIONS:

@@ -51,14 +51,14 @@ class Corpus:
             check_name(f"{key}.name", self.name)
 
 
-def check_corpora(key: str, corpora: list[Corpus]) -> None:
-    """Each entry of ``key``'s list, and names that differ (they key the metrics)."""
+def check_corpora(key: str, corpora: list[Corpus], *, named: bool) -> None:
+    """Each entry of ``key``'s list; ``named``: their names must differ too (they key the eval metrics)."""
     if not corpora:
         raise ConfigError(f"{key} is an empty list; give at least one {{path: ...}} entry")
     for i, corpus in enumerate(corpora):
         corpus.validate(f"{key}[{i}]")
     labels = [c.label for c in corpora]
-    if len(set(labels)) != len(labels):
+    if named and len(set(labels)) != len(labels):
         raise ConfigError(f"{key}: corpus names must differ, got {', '.join(labels)}; set each entry's name")
 
 

@@ -18,7 +18,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -28,7 +27,7 @@ from toolkit.adapters import AdapterCheckpointHooks
 from toolkit.config import ConfigError, RunConfig, dump_config
 from toolkit.data.collator import WhisperCollator
 from toolkit.data.corpora import open_sources
-from toolkit.data.loader import TimedBatches, build_loader
+from toolkit.data.loader import TimedBatches
 from toolkit.distributed import (
     all_reduce_max,
     broadcast_from_main,
@@ -38,15 +37,15 @@ from toolkit.distributed import (
 )
 from toolkit.evaluation.generate import GenerationSettings
 from toolkit.evaluation.normalize import make_normalizer
-from toolkit.flops import training_flops
 from toolkit.memory.advice import advice_for_run, checkpointing_needed
 from toolkit.modeling import LoadedModel, compile_layers, load_model, trainable_parameters
 from toolkit.oom import Backoff, OutOfMemoryAtMicroBatchOne, free_memory, install_injector
 from toolkit.output import append_skipped, export_model, push_to_hub, write_json
 from toolkit.training import zero
-from toolkit.training.batching import BatchPlan, StepBatchSampler
+from toolkit.training.batching import BatchPlan
 from toolkit.training.checkpoint import CheckpointManager, SavedState, TrainState
 from toolkit.training.evals import Evaluator, guard_breach
+from toolkit.training.feeds import IndexedFeed
 from toolkit.training.fingerprint import check_resume, fingerprint
 from toolkit.training.lock import OutputLock
 from toolkit.training.manifest import verify
@@ -134,6 +133,9 @@ class TrainingRun:
             [(guard, split.dataset) for guard, split in zip(config.evaluation.guard, self.data.guards, strict=True)],
         )
         model = self.loaded.model
+        self.sampler = build_sampler(self.data.train.dataset, self.data.mix, config.training.seed, acc.process_index)
+        self.feed = IndexedFeed(self.data.train.dataset, self.sampler, self.collator, num_workers=config.data.num_workers,
+                                training=config.training, model_config=model.config)
         if config.training.compile:
             logger.info("compiled %d layers (torch.compile)", compile_layers(model, zero.zero_stage(acc)))
         optimizer = build_optimizer(model, config.training, acc.device)
@@ -150,7 +152,6 @@ class TrainingRun:
         self.step: TrainStep = step_class(acc).prepare(parts, config.training, self.plan)
         if config.training.method == "lora":
             AdapterCheckpointHooks(acc).register()
-        self.sampler = build_sampler(self.data.train.dataset, self.data.mix, config.training.seed, acc.process_index)
         self.peak_flops = run_peak_flops(acc.device, config.training.mixed_precision, acc.num_processes)
         """The run's peak FLOP/s for MFU (None where the device is not in the table); the bench may set it."""
 
@@ -203,17 +204,8 @@ class TrainingRun:
             append_skipped(self.out / "skipped.jsonl", self.state.nonfinite_steps)
         logger.info("resumed from %s at step %d", self.saved.path, self.state.step)
 
-    def train_loader(self, start: int, skip_samples: int = 0) -> torch.utils.data.DataLoader:
-        return build_loader(
-            self.data.train.dataset,
-            StepBatchSampler(self.sampler, self.plan, start, self.config.training.max_steps, skip_samples,
-                             will_need=self.data.train.dataset.will_need),
-            self.collator,
-            num_workers=self.config.data.num_workers,
-            # Its own generator: creating the iterator draws a worker seed, which must not consume
-            # the global RNG that dropout uses (a resumed run would then diverge from an unbroken one).
-            generator=torch.Generator().manual_seed(self.config.training.seed + start),
-        )
+    def train_loader(self, start: int, skip_samples: int = 0) -> Any:
+        return self.feed.loader(start, self.plan, skip_samples)
 
     # -- one optimizer step -------------------------------------------------------------------------
     def train_step(self, step: int) -> StepStats:
@@ -226,12 +218,8 @@ class TrainingRun:
         """
         tick = time.perf_counter()
         waited = self.batches.waited
-        dataset = self.data.train.dataset
-        items = self.sampler.step_items(step, self.plan)
-        indices = [item.unit for item in items]
-        sizes = dataset.item_sizes(items)  # per window: the loss scale and the FLOP count need them
-        step_tokens = sum(tokens for tokens, _ in sizes)
-        scale = self.accelerator.num_processes / step_tokens
+        samples = self.feed.step_samples(step, self.plan)
+        scale = self.accelerator.num_processes / samples.tokens
         progress = StepProgress.start(self.accelerator.device)
         while failed_ranks := self.step.accumulate(self.batches, self.plan, scale, progress):
             self.step.recover(progress)
@@ -242,19 +230,16 @@ class TrainingRun:
         self.backoff_seconds += progress.lost_seconds
         update = self.step.finish(progress)
         if update.skipped is not None:
-            self._skip_step(step, indices, update.skipped)
+            self._skip_step(step, samples.ids, update.skipped)
         else:
             self.nonfinite_streak = 0
-        flops = training_flops(self.loaded.model.config, [positions for _, positions in sizes],
-                               self.config.training.gradient_checkpointing)
-        return StepStats(progress.loss_sum, step_tokens, len(dataset.unit_clips(indices)), dataset.unit_seconds(indices),
-                         time.perf_counter() - tick, update.grad_norm, applied=update.skipped is None,
-                         windows=len(indices), flops=flops, loader_seconds=self.batches.waited - waited)
+        return StepStats(progress.loss_sum, samples.tokens, samples.clips, samples.seconds, time.perf_counter() - tick,
+                         update.grad_norm, applied=update.skipped is None, windows=samples.windows, flops=samples.flops,
+                         loader_seconds=self.batches.waited - waited)
 
-    def _skip_step(self, step: int, indices: np.ndarray, reason: str) -> None:
+    def _skip_step(self, step: int, ids: list[str], reason: str) -> None:
         """Record a step whose update was skipped (its samples go to ``skipped.jsonl``); stop after too many."""
         self.nonfinite_streak += 1
-        ids = self.data.train.dataset.clip_ids(indices)
         record = {"step": step, "reason": reason, "ids": ids}
         self.state.nonfinite_steps.append(record)
         logger.warning("step %d: %s on some rank; update skipped (%d in a row); samples: %s",
@@ -309,10 +294,7 @@ class TrainingRun:
 
     def _worst_label_tokens(self) -> int:
         """The most decoder positions a training sample can take (timestamps and prompts included)."""
-        dataset = self.data.train.dataset
-        assert dataset.targets is not None
-        packed = self.config.data.max_label_tokens if dataset.packer else None
-        return min(dataset.targets.worst_positions(packed), self.loaded.model.config.max_target_positions)
+        return min(self.feed.worst_positions(self.config.data.max_label_tokens), self.loaded.model.config.max_target_positions)
 
     def probe(self) -> None:
         """Find the largest micro-batch that fits a worst-case batch before the first step (:mod:`.probe`)."""
@@ -359,7 +341,7 @@ class TrainingRun:
         logger.info(
             "%s | %d training samples | %d steps (%.2f epochs) | %.1fM of %.1fM parameters trainable",
             self.plan.describe(), len(self.data.train.dataset), cfg.max_steps,
-            self.sampler.epoch_of(cfg.max_steps, self.plan), trainable / 1e6, total_params / 1e6,
+            self.feed.epoch_of(cfg.max_steps, self.plan), trainable / 1e6, total_params / 1e6,
         )
         if acc.is_main_process:
             print(f"effective global batch: {self.plan.describe()}", flush=True)
@@ -425,7 +407,7 @@ class TrainingRun:
     def log_values(self, window: Window) -> dict[str, Any]:
         values = window.flush(self.accelerator)
         values["lr"] = self.step.scheduler.get_last_lr()[0]
-        values["epoch"] = round(self.sampler.epoch_of(self.state.step, self.plan), 4)
+        values["epoch"] = round(self.feed.epoch_of(self.state.step, self.plan), 4)
         values["peak_memory_gib"] = round(peak_memory_gib(self.accelerator.device), 3)
         values.update(self._batch_values())
         return values
@@ -459,7 +441,7 @@ class TrainingRun:
             "eval_batch_size": self.state.eval_batch_size,
             "eval_backoffs": self.state.eval_backoffs,
             "probe": self.probe_summary,
-            "train_samples": len(self.data.train.dataset),
+            "train_samples": self.feed.num_samples,
             "packing": self.config.data.packing,
             "train_clips": totals.samples,
             "train_windows": totals.windows,
