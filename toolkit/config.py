@@ -130,6 +130,13 @@ class DataConfig:
     """Drop rows of a local source that repeat an earlier row: the same audio file (resolved path) with
     the same transcript (once stripped). They become skips (``duplicate``); off, they are kept and a
     warning gives their count. Both splits; Hub datasets are not checked."""
+    streaming: bool = False
+    """Stream ``data.train`` (a Hub id, or a local directory that ``datasets.load_dataset`` reads) with no
+    preprocessing and no prepare step: each rank reads its share (``split_dataset_by_node``), shuffled in
+    blocks of ``stream_block`` rows, the file order reshuffled every epoch. Resume is exact at the same
+    world size only (README, streaming). Trains on single clips (no packing), without previous-text prompts."""
+    stream_block: int = 1000
+    """Streaming: rows shuffled together in memory; a resume re-reads at most one block per rank."""
     shard_cache_gb: float = 100.0
     """Remote prepared shards (``toolkit prepare``) are cached under ``cache_dir``/shards up to this size."""
 
@@ -153,6 +160,11 @@ class DataConfig:
             raise ConfigError(f"data.num_proc must be >= 1, got {self.num_proc}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.streaming and (not isinstance(self.train, str) or self.max_train_samples is not None):
+            raise ConfigError("data.streaming reads one data.train (a Hub id or a local dataset directory), without "
+                              "data.max_train_samples; for several corpora, `toolkit prepare` each and list them")
+        if self.stream_block < 1:
+            raise ConfigError(f"data.stream_block must be >= 1, got {self.stream_block}")
         if self.shard_cache_gb <= 0:
             raise ConfigError(f"data.shard_cache_gb must be > 0, got {self.shard_cache_gb}")
         if not self.text_column:

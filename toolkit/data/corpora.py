@@ -82,7 +82,12 @@ def open_corpora(data_cfg: DataConfig) -> list[Source | ShardSet]:
 def open_sources(data_cfg: DataConfig) -> dict[str, Any]:
     """``train`` and ``eval``, as set: each a source, or a list of them for several corpora."""
     sources: dict[str, Any] = {}
-    if data_cfg.train:
+    if data_cfg.streaming:
+        from toolkit.data.stream import open_stream
+
+        sources["train"] = open_stream(data_cfg.train, data_cfg.train_split, data_cfg.hub_config,  # type: ignore[arg-type]
+                                       data_cfg.audio_column, data_cfg.text_column)
+    elif data_cfg.train:
         sources["train"] = open_corpora(data_cfg) if isinstance(data_cfg.train, list) else open_split("train", data_cfg)
     if isinstance(data_cfg.eval, list):
         sources["eval"] = [open_split("eval", dataclasses.replace(data_cfg, eval=c.path)) for c in data_cfg.eval]

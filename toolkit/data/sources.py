@@ -174,12 +174,7 @@ class HubSource(Source):
         gives, or JSON text); checked as a manifest's are."""
         if self._extra_columns is None:
             return NO_EXTRAS
-        row = dict(self._extra_columns[index])
-        segments = row.get("segments")
-        if isinstance(segments, dict) and set(segments) >= {"start", "end", "text"}:
-            row["segments"] = [dict(zip(("start", "end", "text"), values, strict=True))
-                               for values in zip(segments["start"], segments["end"], segments["text"], strict=True)]
-        return _extras(f"{self.description} row {index}", row)
+        return row_extras(f"{self.description} row {index}", dict(self._extra_columns[index]))
 
     def get(self, index: int) -> tuple[str, str | bytes | None, str | None]:
         row = self.dataset[index]
@@ -388,6 +383,16 @@ def _open_manifest(
 
 
 TRUE_WORDS, FALSE_WORDS = {"true", "1", "yes"}, {"false", "0", "no", ""}
+
+
+def row_extras(where: str, row: dict[str, Any]) -> Extras:
+    """A dataset row's ``segments``, ``recording`` and ``no_speech`` (any it has), ``segments`` also as
+    the dict of lists that a ``Sequence`` feature gives."""
+    segments = row.get("segments")
+    if isinstance(segments, dict) and set(segments) >= {"start", "end", "text"}:
+        row = {**row, "segments": [dict(zip(("start", "end", "text"), values, strict=True))
+                                   for values in zip(segments["start"], segments["end"], segments["text"], strict=True)]}
+    return _extras(where, {k: row[k] for k in ("segments", "recording", "no_speech") if k in row})
 
 
 def _extras(where: str, row: dict[str, Any]) -> Extras:

@@ -55,6 +55,10 @@ class TrainState:
     """What defines the optimisation (:mod:`.fingerprint`); a resume that changes it is refused."""
     recipe_changes: list[dict[str, Any]] = field(default_factory=list)
     """Changes accepted with ``training.resume=force``: ``{step, changes: {key: [before, after]}}``."""
+    stream: list[dict[str, Any]] | None = None
+    """``data.streaming``: every rank's stream position (:class:`toolkit.data.stream.RankStream`), by rank."""
+    stream_skips: list[dict[str, Any]] = field(default_factory=list)
+    """``data.streaming``: the rows skipped so far (``skipped.jsonl`` is rewritten at each start)."""
 
     def save(self, directory: Path, plan: BatchPlan) -> None:
         """Write the state with the batch plan it was trained at (derived here, never kept twice)."""

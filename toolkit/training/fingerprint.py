@@ -45,19 +45,24 @@ def data_digest(dataset: SpeechDataset) -> str:
     return sha.hexdigest()[:16]
 
 
-def fingerprint(config: RunConfig, train: SpeechDataset) -> dict[str, Any]:
-    """The values that define the optimisation, keyed by their dotted recipe names."""
+def fingerprint(config: RunConfig, train: SpeechDataset | None) -> dict[str, Any]:
+    """The values that define the optimisation, keyed by their dotted recipe names; ``train`` is None
+    for a stream, which is named by its spec instead of its content (read only as the steps come)."""
     values: dict[str, Any] = {f"training.{k}": getattr(config.training, k) for k in TRAINING_KEYS}
     if config.training.lr_scheduler == "constant":
         del values["training.max_steps"]  # the schedule does not depend on it: extending the run is free
     values.update({f"model.{k}": getattr(config.model, k) for k in MODEL_KEYS})
     if config.training.method == "lora":
         values.update({f"lora.{k}": v for k, v in vars(config.lora).items()})
-    if config.data.packing:  # only when on: fingerprints of runs from before the key stay equal
+    if config.data.packing and train is not None:  # only when on: fingerprints of runs from before the key stay equal
         values["data.packing"] = True
     values["data.timestamp_probability"] = config.data.timestamp_probability
     values["data.condition_on_prev_probability"] = config.data.condition_on_prev_probability
-    values["data.train (content)"] = data_digest(train)
+    if train is None:
+        data = config.data
+        values["data.train (stream)"] = [data.train, data.hub_config, data.train_split, data.stream_block]
+    else:
+        values["data.train (content)"] = data_digest(train)
     if isinstance(config.data.train, list):  # the mixture decides which samples each step draws
         values["data.train (corpora)"] = [[c.weight, c.language, c.task] for c in config.data.train]
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}

@@ -56,6 +56,7 @@ from toolkit.training.probe import run_probe
 from toolkit.training.rundata import load_run_data
 from toolkit.training.signals import Preempted, StopSignal
 from toolkit.training.step import NonFiniteTraining, StepParts, StepProgress, TrainStep, step_class
+from toolkit.training.stream_feed import StreamFeed
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +134,14 @@ class TrainingRun:
             [(guard, split.dataset) for guard, split in zip(config.evaluation.guard, self.data.guards, strict=True)],
         )
         model = self.loaded.model
-        self.sampler = build_sampler(self.data.train.dataset, self.data.mix, config.training.seed, acc.process_index)
-        self.feed = IndexedFeed(self.data.train.dataset, self.sampler, self.collator, num_workers=config.data.num_workers,
-                                training=config.training, model_config=model.config)
+        self.feed: IndexedFeed | StreamFeed
+        if self.data.train is None:  # data.streaming
+            self.feed = StreamFeed.open(sources["train"], config, self.loaded.processor.tokenizer,
+                                        model.config.vocab_size, self.collator, model.config)
+        else:
+            self.sampler = build_sampler(self.data.train.dataset, self.data.mix, config.training.seed, acc.process_index)
+            self.feed = IndexedFeed(self.data.train.dataset, self.sampler, self.collator,
+                                    num_workers=config.data.num_workers, training=config.training, model_config=model.config)
         if config.training.compile:
             logger.info("compiled %d layers (torch.compile)", compile_layers(model, zero.zero_stage(acc)))
         optimizer = build_optimizer(model, config.training, acc.device)
@@ -170,7 +176,7 @@ class TrainingRun:
 
     def _check_recipe(self) -> None:
         """Refuse a resume that changes the optimisation unless forced (:mod:`.fingerprint`); record the recipe."""
-        now = fingerprint(self.config, self.data.train.dataset)
+        now = fingerprint(self.config, self.data.train.dataset if self.data.train else None)
         name = check_resume(self.config, self.out, self.saved.state if self.saved else None, now)
         self.state.fingerprint = now
         if self.accelerator.is_main_process:
@@ -199,9 +205,11 @@ class TrainingRun:
         if self.saved.scheduler is not None:
             self.step.scheduler.load_state_dict(self.saved.scheduler)
         self.state = self.saved.state
-        if self.accelerator.is_main_process and self.state.nonfinite_steps:
-            # skipped.jsonl was rewritten from the data at set-up; the skipped steps live in the checkpoint.
-            append_skipped(self.out / "skipped.jsonl", self.state.nonfinite_steps)
+        if isinstance(self.feed, StreamFeed):
+            self.feed.load_state_dict(self.state.stream)
+        if self.accelerator.is_main_process:
+            # skipped.jsonl was rewritten from the data at set-up; the skipped steps (and streamed rows) live in the checkpoint.
+            append_skipped(self.out / "skipped.jsonl", [*self.state.stream_skips, *self.state.nonfinite_steps])
         logger.info("resumed from %s at step %d", self.saved.path, self.state.step)
 
     def train_loader(self, start: int, skip_samples: int = 0) -> Any:
@@ -264,7 +272,17 @@ class TrainingRun:
                 f"the weights are not finite at step {self.state.step}; no checkpoint written. The newest "
                 f"checkpoint ({self.checkpoints.latest() or 'none yet'}) is good: lower training.learning_rate"
             )
+        self._collect_stream()
         self.checkpoints.save(self.state, self.plan, self.step.scheduler.state_dict())
+
+    def _collect_stream(self) -> None:
+        """A stream's positions into the state, and its skipped rows into ``skipped.jsonl`` (a collective)."""
+        if not isinstance(self.feed, StreamFeed):
+            return
+        self.state.stream, skips = self.feed.collect()
+        self.state.stream_skips += skips
+        if skips and self.accelerator.is_main_process:
+            append_skipped(self.out / "skipped.jsonl", skips)
 
     def back_off(self, step: int, failed_ranks: list[int]) -> None:
         """Halve the micro-batch on every rank (accumulation doubles) and re-prepare what depends on it."""
@@ -339,8 +357,8 @@ class TrainingRun:
             self.probe()
         trainable, total_params = self.param_counts
         logger.info(
-            "%s | %d training samples | %d steps (%.2f epochs) | %.1fM of %.1fM parameters trainable",
-            self.plan.describe(), len(self.data.train.dataset), cfg.max_steps,
+            "%s | %s training samples | %d steps (%.2f epochs) | %.1fM of %.1fM parameters trainable",
+            self.plan.describe(), self.feed.num_samples or "streamed", cfg.max_steps,
             self.feed.epoch_of(cfg.max_steps, self.plan), trainable / 1e6, total_params / 1e6,
         )
         if acc.is_main_process:
@@ -415,6 +433,7 @@ class TrainingRun:
     def finish(self, last_eval: dict[str, Any] | None, totals: Window) -> dict[str, Any]:
         """Final eval and export; ``totals`` covers the steps this invocation trained."""
         acc = self.accelerator
+        self._collect_stream()
         if self.config.output.final_model == "best" and self.state.best_step not in (None, self.state.step):
             best = self.checkpoints.path_for(self.state.best_step)  # type: ignore[arg-type]
             problem = verify(best)
@@ -442,13 +461,13 @@ class TrainingRun:
             "eval_backoffs": self.state.eval_backoffs,
             "probe": self.probe_summary,
             "train_samples": self.feed.num_samples,
-            "packing": self.config.data.packing,
+            "packing": self.config.data.packing and not self.config.data.streaming,
             "train_clips": totals.samples,
             "train_windows": totals.windows,
             "train_audio_hours": round(totals.audio / 3600, 4),
             **totals.rates(),
             "train_runtime_s": round(totals.seconds, 2),
-            "skipped": sum(len(split.skips) for split in self.data.splits()),
+            "skipped": sum(len(split.skips) for split in self.data.splits()) + len(self.state.stream_skips),
             "stopped_by_guard": self.stopped_by,
             "final_model": self.config.output.final_model,
         }

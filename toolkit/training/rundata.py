@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunData:
-    train: LoadedSplit
+    train: LoadedSplit | None
+    """None with ``data.streaming`` (the stream is read as the steps come)."""
     evals: list[EvalSet]
     """``data.eval``'s sets: none, the one set, or each of a list."""
     guards: list[LoadedSplit] = field(default_factory=list)
@@ -36,17 +37,17 @@ class RunData:
     """Several corpora: where each lies in ``train`` and its weight."""
 
     def splits(self) -> list[LoadedSplit]:
-        return [self.train, *(s.split for s in self.evals), *self.guards]
+        return [*([self.train] if self.train else []), *(s.split for s in self.evals), *self.guards]
 
 
 def load_run_data(config: RunConfig, sources: dict[str, Source], tokenizer: Any, vocab_size: int,
                   skipped: Path | None) -> RunData:
     """Load every split on every rank; ``skipped``: where the main process writes the skips (None elsewhere)."""
     tick = time.perf_counter()
-    mix = None
+    mix, train = None, None  # a stream (data.streaming) is not loaded: it is read as the steps come
     if isinstance(config.data.train, list):  # several corpora; English-only tokenizers carry no language
         train, mix = load_corpora(config.data, config.model, tokenizer, tokenizer.language is None, sources["train"])
-    else:
+    elif not config.data.streaming:
         train = load_split("train", config.data, tokenizer, sources["train"])
     seconds = time.perf_counter() - tick
     english_only = tokenizer.language is None
@@ -57,6 +58,8 @@ def load_run_data(config: RunConfig, sources: dict[str, Source], tokenizer: Any,
         count = write_skipped(skipped, [skip for split in data.splits() for skip in split.skips])
         if count:
             logger.info("%d samples left out; see %s", count, skipped)
+    if train is None:
+        return data
     state = PartialState()
     attach_targets(
         train.dataset, tokenizer, vocab_size, seed=config.training.seed,
