@@ -1,8 +1,8 @@
 """slurm/train.sbatch and slurm/evaluate.sbatch on a real Slurm cluster, in CPU mode.
 
-train.sbatch runs with two launch configs, DDP (multi_node.yaml) and DeepSpeed ZeRO-2 across the
-nodes (multi_node_zero2.yaml, DS_ACCELERATOR=cpu), each once to completion and once preempted and
-requeued.
+train.sbatch runs with three launch configs, DDP (multi_node.yaml) and DeepSpeed ZeRO-2 and ZeRO-3
+across the nodes (multi_node_zero{2,3}.yaml, DS_ACCELERATOR=cpu), each once to completion and once
+preempted and requeued.
 
 Needs a cluster with at least two idle nodes; on a single machine `scripts/slurm_local_cluster.sh`
 starts one (two virtual nodes n1, n2). Without one, these tests skip (they fail instead when
@@ -206,14 +206,16 @@ def test_train_sbatch_two_nodes_zero(tiny: dict[str, Path], stage: int) -> None:
     assert deepspeed_layout(out, 2) == (stage, 2)
 
 
-def test_train_sbatch_zero2_requeues_on_preemption(tiny: dict[str, Path]) -> None:
-    """The preemption path of test_train_sbatch_requeues_on_preemption under ZeRO-2 on 2 nodes:
-    every rank writes its DeepSpeed shards, the requeued job loads them and ends at max_steps."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_train_sbatch_zero_requeues_on_preemption(tiny: dict[str, Path], stage: int) -> None:
+    """The preemption path of test_train_sbatch_requeues_on_preemption under ZeRO-2 and ZeRO-3 on 2
+    nodes: every rank writes its DeepSpeed shards, the requeued job loads them and ends at max_steps."""
     max_steps = 30  # the stop signal comes after step 1 or 2: ~0.6 s a step here leaves ~15 s to interrupt
-    out, results = requeued_run(tiny, "preempt-zero2", max_steps, zero2_env(tiny))
+    config = f"launch_configs/multi_node_zero{stage}.yaml"
+    out, results = requeued_run(tiny, f"preempt-zero{stage}", max_steps, zero2_env(tiny, config))
     assert (results["world_size"], results["steps"]) == (2, max_steps), results
     assert train_steps(out) == list(range(1, max_steps + 1)), "a step was lost or repeated by the resume"
-    assert deepspeed_layout(out, max_steps) == (2, 2)
+    assert deepspeed_layout(out, max_steps) == (stage, 2)
 
 
 def test_train_sbatch_refuses_a_one_machine_deepspeed_config_on_two_nodes(tiny: dict[str, Path]) -> None:

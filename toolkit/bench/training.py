@@ -97,7 +97,9 @@ class BenchRun(TrainingRun):
     def _fit_steps(self, clips: int) -> None:
         """Set training.max_steps to the fewest steps that see ``clips`` clips (windows hold several)."""
         steps = seen = 0
-        while seen < clips:
+        if self.data.train is None:  # a stream (data.streaming): one clip per sample
+            steps = -(-clips // self.plan.global_batch_size)
+        while seen < clips and self.data.train is not None:
             seen += len(self.data.train.dataset.unit_clips(self.sampler.step_indices(steps, self.plan)))
             steps += 1
         cfg = self.config.training
@@ -137,7 +139,7 @@ def figures(run: BenchRun, results: dict[str, Any]) -> dict[str, Any]:
         "train_seconds": results["train_runtime_s"],
         "steps": results["steps"],
         "preprocess_seconds": round(run.data.train_seconds, 2),
-        "preprocessed_bytes": run.data.train.bytes_on_disk,
+        "preprocessed_bytes": run.data.train.bytes_on_disk if run.data.train else None,
         "world_size": acc.num_processes,
         "device": device,
         "settings": {

@@ -58,9 +58,13 @@ class ShardSet:
         """Where the metadata goes as an Arrow file for loader workers (else they get a copy each)."""
         self._spilled: Path | None = None
         self.shards: list[dict[str, Any]] = index["shards"]
-        self._shard_of = meta.column("shard").to_numpy()
-        self._offset = meta.column("offset").to_numpy()
-        self._size = meta.column("size").to_numpy()
+        self._locate_columns()
+
+    def _locate_columns(self) -> None:
+        """Each sample's shard, byte offset and size as arrays (what reading a sample's audio looks up)."""
+        self._shard_of = self.meta.column("shard").to_numpy()
+        self._offset = self.meta.column("offset").to_numpy()
+        self._size = self.meta.column("size").to_numpy()
 
     def __getstate__(self) -> dict[str, Any]:
         # A loader worker memory-maps the metadata from one Arrow file, which every worker and rank on
@@ -77,9 +81,7 @@ class ShardSet:
         self.__dict__.update(state)
         if self.meta is None and self._spilled is not None:
             self.meta = pa.ipc.open_file(pa.memory_map(str(self._spilled))).read_all()
-            self._shard_of = self.meta.column("shard").to_numpy()
-            self._offset = self.meta.column("offset").to_numpy()
-            self._size = self.meta.column("size").to_numpy()
+            self._locate_columns()
 
     def __len__(self) -> int:
         return self.meta.num_rows
