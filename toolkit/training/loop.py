@@ -227,6 +227,7 @@ class TrainingRun:
         tick = time.perf_counter()
         waited = self.batches.waited
         samples = self.feed.step_samples(step, self.plan)
+        feed_seconds = time.perf_counter() - tick  # a stream reads and decodes here: waiting for data too
         scale = self.accelerator.num_processes / samples.tokens
         progress = StepProgress.start(self.accelerator.device)
         while failed_ranks := self.step.accumulate(self.batches, self.plan, scale, progress):
@@ -243,7 +244,7 @@ class TrainingRun:
             self.nonfinite_streak = 0
         return StepStats(progress.loss_sum, samples.tokens, samples.clips, samples.seconds, time.perf_counter() - tick,
                          update.grad_norm, applied=update.skipped is None, windows=samples.windows, flops=samples.flops,
-                         loader_seconds=self.batches.waited - waited)
+                         loader_seconds=self.batches.waited - waited + feed_seconds)
 
     def _skip_step(self, step: int, ids: list[str], reason: str) -> None:
         """Record a step whose update was skipped (its samples go to ``skipped.jsonl``); stop after too many."""

@@ -5,7 +5,9 @@ read as the steps come. At each step this rank takes its share of the global bat
 :class:`~toolkit.data.stream.RankStream`, decodes it by preprocessing's rules (a row that fails them
 is counted as a skip and replaced by the next one), and builds the labels as for indexed data (the
 same timestamp draws, keyed by stream position). The loss is normalised by the step's label tokens
-summed over the ranks (one all-reduce), since no rank knows the others' samples.
+summed over the ranks (one all-reduce), since no rank knows the others' samples. While a step
+trains, a background thread reads and decodes the next step's rows; the position a checkpoint
+saves is the one taken after the current step's rows, before that read began.
 
 Resume is exact at the same world size only: the checkpoint holds every rank's stream position
 (:meth:`StreamFeed.collect`), and each rank continues from its own. Streaming trains on single clips
@@ -14,7 +16,9 @@ Resume is exact at the same world size only: the checkpoint holds every rank's s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import datasets
@@ -48,6 +52,14 @@ class StreamFeed:
         """How many of the step's samples the micro-batches have handed out."""
         self.skips: list[Skip] = []
         """Rows skipped since the last :meth:`collect`."""
+        self.position: dict[str, Any] = stream.state_dict()
+        """The stream position after the rows of the last step taken (what a checkpoint saves)."""
+        self._next: tuple[int, Future] | None = None
+        """The step whose rows the background thread is reading, and its result."""
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-reader")
+        # The reader tokenises with its own copy: a fast tokenizer used from two threads at once can fail
+        # ("Already borrowed"), and the main thread encodes (labels) and decodes (evaluation) meanwhile.
+        self._reader_tokenizer = copy.deepcopy(tokenizer)
 
     @classmethod
     def open(cls, dataset: Any, config: RunConfig, tokenizer: Any, vocab_size: int, collator: WhisperCollator,
@@ -61,7 +73,15 @@ class StreamFeed:
     def step_samples(self, step: int, plan: BatchPlan) -> StepSamples:
         """Take and decode this rank's samples of ``step``; their counts summed over the ranks."""
         n, rank = plan.per_rank, self.state.process_index
-        dataset = self._decoded(n)
+        if self._next is not None and self._next[0] != step:
+            raise RuntimeError(f"the stream read ahead for step {self._next[0]}, and step {step} was asked for")
+        dataset, skips = self._next[1].result() if self._next is not None else self._decoded(n)
+        self.skips += skips
+        # Taken while the reader is idle; then it reads on, for the next step.
+        self.position = self.stream.state_dict()
+        self._next = None
+        if step + 1 < self.config.training.max_steps:
+            self._next = (step + 1, self._reader.submit(self._decoded, n))
         attach_targets(dataset, self.tokenizer, self.vocab_size, seed=self.config.training.seed,
                        timestamp_probability=self.config.data.timestamp_probability, previous_probability=0.0,
                        max_tokens=self.config.data.max_label_tokens)
@@ -75,23 +95,24 @@ class StreamFeed:
         tokens, clips, seconds, total_flops = reduce(local.to(self.state.device), reduction="sum").cpu().tolist()
         return StepSamples(int(tokens), int(clips), seconds, int(clips), total_flops, dataset.clip_ids(list(range(n))))
 
-    def _decoded(self, n: int) -> SpeechDataset:
-        """``n`` samples that pass every rule, read from the stream (skipped rows are replaced)."""
+    def _decoded(self, n: int) -> tuple[SpeechDataset, list[Skip]]:
+        """``n`` samples that pass every rule, read from the stream (skipped rows are replaced), and the skips."""
         rows: dict[str, list[Any]] = {name: [] for name in features()}
+        skips: list[Skip] = []
         label_skips: list[Skip] = []
         kept = 0
         while kept < n:
             for skip, row in self._rows(self.stream.take(n - kept)):
                 if skip is not None:
-                    self.skips.append(skip)
+                    skips.append(skip)
                     continue
                 for name, values in row.items():
                     rows[name] += values
             table = ArrowClips(datasets.Dataset.from_dict(rows, features=features()))
-            dataset, label_skips = build_dataset(table, self.tokenizer, max_label_tokens=self.config.data.max_label_tokens)
+            dataset, label_skips = build_dataset(table, self._reader_tokenizer,
+                                                 max_label_tokens=self.config.data.max_label_tokens)
             kept = len(dataset)
-        self.skips += label_skips
-        return dataset
+        return dataset, skips + label_skips
 
     def _rows(self, raw: list[dict[str, Any]]) -> list[tuple[Skip | None, dict[str, list[Any]]]]:
         """Each row decoded (preprocessing's rules), or why it is skipped."""
@@ -133,7 +154,7 @@ class StreamFeed:
     # -- what a checkpoint keeps --------------------------------------------------------------------
     def collect(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Every rank's stream position and the rows skipped since the last call (a collective)."""
-        mine = [(self.stream.state_dict(), [dataclasses.asdict(s) for s in self.skips])]
+        mine = [(self.position, [dataclasses.asdict(s) for s in self.skips])]
         self.skips = []
         gathered = gather_object(mine) if self.state.num_processes > 1 else mine
         return [state for state, _ in gathered], [skip for _, skips in gathered for skip in skips]
@@ -145,11 +166,13 @@ class StreamFeed:
         if len(states) != world:
             raise ConfigError(f"this streamed run was checkpointed on {len(states)} processes and resumes on {world}: "
                               "a stream resumes exactly only at the same world size (README, streaming)")
+        self._next = None
         self.stream.load_state_dict(states[self.state.process_index])
+        self.position = self.stream.state_dict()
 
     def epoch_of(self, step: int, plan: BatchPlan) -> float:
         """This rank's stream epoch (the share of a stream's epoch read is not known in advance)."""
-        return float(self.stream.state_dict()["epoch"])
+        return float(self.position["epoch"])
 
     def worst_positions(self, packed_label_tokens: int | None) -> int:
         """Labels are filtered to ``data.max_label_tokens``; a timestamped one takes two more per segment."""
