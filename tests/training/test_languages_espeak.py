@@ -34,19 +34,22 @@ def _transcripts(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """An English and a French audiofolder, named after their language (corpus names must differ)."""
+    """An English and a French audiofolder named after their language, and their dev sets (``en-dev``, ``fr-dev``)."""
     root = tmp_path_factory.mktemp("espeak-languages")
     folders = {}
     for language, count in COUNTS.items():
-        synth.synthesize_corpus(root / f"synth-{language}", train=count, dev=1, seed=2, jobs=4, language=language)
+        synth.synthesize_corpus(root / f"synth-{language}", train=count, dev=2, seed=2, jobs=4, language=language)
         folders[language] = (root / f"synth-{language}" / "train").rename(root / language)
+        folders[f"{language}-dev"] = (root / f"synth-{language}" / "dev").rename(root / f"{language}-dev")
     return folders
 
 
 def _config(model: Path, corpora: dict[str, Path], out: Path, *overrides: str):  # noqa: ANN202
     train = (f"[{{path: {corpora['en']}, weight: 0.7, language: en}}, "
              f"{{path: {corpora['fr']}, weight: 0.3, language: fr}}]")
-    values = [f"model.name_or_path={model}", "model.language=en", f"data.train={train}", "data.eval=null",
+    evals = (f"[{{path: {corpora['en-dev']}, language: en}}, {{path: {corpora['fr-dev']}, language: fr}}]")
+    values = [f"model.name_or_path={model}", "model.language=en", f"data.train={train}", f"data.eval={evals}",
+              "evaluation.max_new_tokens=8", "evaluation.batch_size=2",
               "data.num_workers=0", "training.max_steps=2", "training.global_batch_size=8",
               "training.micro_batch_size=4", "training.save_every=0", "evaluation.at_start=false",
               f"output.dir={out}", *overrides]
@@ -93,3 +96,7 @@ def test_language_tokens_and_french_transcripts_follow_the_corpus(
     run.step.model.train()
     stats = run.train_step(0)
     assert stats.tokens > 0 and np.isfinite(float(stats.loss_sum))
+    # Evaluation: each dev set decoded in its language, reported per set, per language and in total.
+    metrics = run.evaluate()
+    assert metrics["lang/en/num_samples"] == metrics["lang/fr/num_samples"] == 2 and metrics["num_samples"] == 4
+    assert {"en-dev/wer", "fr-dev/wer", "lang/fr/wer", "wer"} <= set(metrics)
