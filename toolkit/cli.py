@@ -14,6 +14,8 @@ import typing
 import warnings
 from pathlib import Path
 
+import yaml
+
 from toolkit.config import (
     ConfigError,
     DataConfig,
@@ -22,6 +24,8 @@ from toolkit.config import (
     check_writable_dir,
     load_config,
 )
+from toolkit.config_sets import Corpus
+from toolkit.recipe import build_dataclass
 
 logger = logging.getLogger("toolkit")
 
@@ -120,7 +124,10 @@ def _add_evaluate_arguments(ev: argparse.ArgumentParser) -> None:
     model, data, evaluation = ModelConfig(), DataConfig(), EvaluationConfig()
     shown = " (default: %(default)s)"
     ev.add_argument("--model", required=True, help="model directory or Hub id")
-    ev.add_argument("--data", required=True, help="audiofolder directory, .csv/.jsonl manifest or Hub dataset id")
+    ev.add_argument("--data", required=True,
+                    help="audiofolder directory, .csv/.jsonl manifest or Hub dataset id; or a YAML list of sets, "
+                         "'[{path: A, language: fr, name: fr}, {path: B, language: en}]', each decoded in its "
+                         "language and reported per set, per language and in total")
     ev.add_argument("--split", default=data.eval_split,
                     help="split expression for Hub data or split sub-directories" + shown)
     ev.add_argument("--hub-config", default=data.hub_config, help="Hub dataset configuration name")
@@ -305,6 +312,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_sets(spec: str) -> str | list[Corpus]:
+    """``--data``: one data spec, or (a YAML list) several ``{path, language, task, name}`` sets."""
+    if not spec.lstrip().startswith("["):
+        return spec
+    try:
+        raw = yaml.safe_load(spec)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--data: not a YAML list of {{path, language, task, name}} sets: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, list):
+        raise ConfigError("--data: a list of sets must be a YAML list, [{path: A, language: fr}, ...]")
+    return [build_dataclass(Corpus, item, prefix=f"--data[{i}].") for i, item in enumerate(raw)]
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from toolkit.distributed import init_state
     from toolkit.evaluation.run import evaluation_prompt, run_evaluate
@@ -318,7 +338,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     language, task = evaluation_prompt(args.model, args.language, args.task)
     model_cfg = ModelConfig(name_or_path=args.model, language=language, task=task, quantization=args.quantization)
     data_cfg = DataConfig(
-        eval=args.data, eval_split=args.split, hub_config=args.hub_config, text_column=args.text_column,
+        eval=eval_sets(args.data), eval_split=args.split, hub_config=args.hub_config, text_column=args.text_column,
         audio_column=args.audio_column, max_eval_samples=args.max_samples, cache_dir=args.cache_dir,
         num_workers=args.num_workers,
     )

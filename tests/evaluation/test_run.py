@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -66,3 +67,35 @@ def test_a_lora_export_records_the_prompt(tiny_multilingual_model: Path, tmp_pat
     for directory in (tmp_path / "final", tmp_path / "final" / "adapter"):
         assert json.loads((directory / "generation_config.json").read_text())["language"] == "german"
         assert evaluation_prompt(str(directory), None, None) == ("german", "transcribe")
+
+
+def test_evaluate_reports_a_list_of_sets_per_set_and_per_language(
+    tiny_multilingual_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.conftest import write_audiofolder
+    from toolkit.cli import main
+
+    english = write_audiofolder(tmp_path / "en", 3, start_seed=20)
+    french = write_audiofolder(tmp_path / "fr", 2, start_seed=40)
+    sets = f"[{{path: {english}, language: en}}, {{path: {french}, language: fr, name: fr-test}}]"
+    args = ["evaluate", "--model", str(tiny_multilingual_model), "--language", "en", "--data", sets,
+            "--batch-size", "2", "--max-new-tokens", "2", "--num-workers", "0", "--predictions", str(tmp_path / "p.jsonl")]
+    assert main(args) == 0
+    metrics = last_json_line(capsys.readouterr().out)
+    assert (metrics["num_samples"], metrics["en/num_samples"], metrics["fr-test/num_samples"]) == (5, 3, 2)
+    assert metrics["lang/fr/num_samples"] == 2 and "lang/en/wer" in metrics and metrics["skipped"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert sorted(row["set"] for row in rows) == ["en", "en", "en", "fr-test", "fr-test"]
+
+
+@pytest.mark.parametrize("data, message", [
+    ("[{path: a, langauge: fr}]", r"unknown key --data\[0\].langauge \(did you mean --data\[0\].language"),
+    ("[{path: a", "--data: not a YAML list"),
+])
+def test_a_bad_list_of_sets_is_one_line(tiny_multilingual_model: Path, data: str, message: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from toolkit.cli import main
+
+    assert main(["evaluate", "--model", str(tiny_multilingual_model), "--data", data]) == 2
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1 and re.search(message, err), err

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import logging
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,12 @@ from accelerate import PartialState
 from toolkit.adapters import DTYPES
 from toolkit.config import DataConfig, EvaluationConfig, ModelConfig
 from toolkit.data.collator import WhisperCollator
-from toolkit.data.pipeline import load_split, open_split
+from toolkit.data.corpora import Prompt, corpus_prompt, open_sources, prompting
+from toolkit.data.pipeline import LoadedSplit, load_split
 from toolkit.evaluation.generate import EvalResult, GenerationSettings, evaluate_model
 from toolkit.evaluation.longform import LONG_FORM_MAX_SECONDS, LongFormSettings, evaluate_long_form
 from toolkit.evaluation.normalize import make_normalizer
+from toolkit.evaluation.sets import evaluate_sets
 from toolkit.modeling import load_model, recorded_prompt
 from toolkit.oom import install_injector
 
@@ -52,6 +56,39 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@dataclass
+class SetDecoding:
+    """How the ``evaluate`` command loads and decodes an eval set (short- or long-form)."""
+
+    model: Any
+    processor: Any
+    data_cfg: DataConfig
+    eval_cfg: EvaluationConfig
+    collect_predictions: bool = False
+
+    def load(self, path: str, source: Any) -> LoadedSplit:
+        """The set at ``path``: clips (references too long to decode dropped), or whole recordings
+        (no 30 s limit and no tokenizer: a transcript of minutes is scored, never decoded as one)."""
+        data = dataclasses.replace(self.data_cfg, eval=path)
+        if self.eval_cfg.long_form:
+            return load_split("eval", dataclasses.replace(data, max_duration_s=LONG_FORM_MAX_SECONDS), None, source)
+        return load_split("eval", data, self.processor.tokenizer, source)
+
+    def decode(self, dataset: Any, prompt: Prompt | None, normalize: Callable[[str], str]) -> EvalResult:
+        """``dataset``'s result; ``prompt``: its language and task (None: the model's generation config's)."""
+        run = {"num_workers": self.data_cfg.num_workers, "collect_predictions": self.collect_predictions}
+        if prompt is not None:
+            run.update(language=prompt.language, task=prompt.task)
+        tokenizer = self.processor.tokenizer
+        if self.eval_cfg.long_form:
+            return evaluate_long_form(self.model, dataset, self.processor.feature_extractor, tokenizer, normalize,
+                                      LongFormSettings.from_config(self.eval_cfg, **run))
+        collator = WhisperCollator(self.processor.feature_extractor, self.model.config.decoder_start_token_id,
+                                   self.data_cfg.features_on)
+        return evaluate_model(self.model, dataset, collator, tokenizer, normalize,
+                              GenerationSettings.from_config(self.eval_cfg, **run))
+
+
 def run_evaluate(
     model_cfg: ModelConfig,
     data_cfg: DataConfig,
@@ -61,6 +98,8 @@ def run_evaluate(
     predictions_path: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate on ``data.eval`` across all launched processes; every rank returns the same metrics.
+    A list of sets is decoded set by set, each in its language, and reported in total, per set and
+    per language (:mod:`toolkit.evaluation.sets`).
 
     Besides the corpus metrics: ``batch_size``, the eval batch generation finished with (smaller than
     ``evaluation.batch_size`` after an out-of-memory back-off), and ``backoffs``, ``[{"from", "to"}]``.
@@ -68,32 +107,26 @@ def run_evaluate(
     :func:`~toolkit.evaluation.longform.evaluate_long_form` (which adds the window signals).
     """
     state = PartialState()
-    source = open_split("eval", data_cfg)  # a bad data spec fails before the model loads
+    sources = open_sources(data_cfg)["eval"]  # a bad data spec fails before the model loads
     loaded = load_model(model_cfg, dtype=resolve_dtype(dtype, state.device), device=state.device)
     # A quantised base is placed at load time (device_map); bitsandbytes' modules must not be moved.
     model = loaded.model if model_cfg.quantization != "none" else loaded.model.to(state.device)
     install_injector(model, state.process_index)  # test-only TOOLKIT_INJECT_OOM
     tokenizer = loaded.processor.tokenizer
-    normalize = make_normalizer(loaded.english, tokenizer)
-    collect = predictions_path is not None
-    if eval_cfg.long_form:
-        # Whole recordings: no 30 s limit, and no tokenizer, so no label-length filter either (the
-        # transcript of a few minutes is longer than the decoder; it is scored, never decoded as one).
-        long_data = dataclasses.replace(data_cfg, max_duration_s=LONG_FORM_MAX_SECONDS)
-        split = load_split("eval", long_data, None, source)
-        result: EvalResult = evaluate_long_form(
-            model, split.dataset, loaded.processor.feature_extractor, tokenizer, normalize,
-            LongFormSettings.from_config(eval_cfg, num_workers=data_cfg.num_workers, collect_predictions=collect),
-        )
+    decoder = SetDecoding(model, loaded.processor, data_cfg, eval_cfg, collect_predictions=predictions_path is not None)
+    if not isinstance(data_cfg.eval, list):
+        splits = [decoder.load(data_cfg.eval or "", sources)]
+        result = decoder.decode(splits[0].dataset, None, make_normalizer(loaded.english, tokenizer))
     else:
-        split = load_split("eval", data_cfg, tokenizer, source)  # drops references too long to decode
-        collator = WhisperCollator(loaded.processor.feature_extractor, model.config.decoder_start_token_id,
-                                   data_cfg.features_on)
-        settings = GenerationSettings.from_config(eval_cfg, num_workers=data_cfg.num_workers,
-                                                  collect_predictions=collect)
-        result = evaluate_model(model, split.dataset, collator, tokenizer, normalize, settings)
+        sets = []
+        for i, (corpus, source) in enumerate(zip(data_cfg.eval, sources, strict=True)):
+            prompt = corpus_prompt(corpus, model_cfg, loaded.language is None, f"--data[{i}]")
+            with prompting(tokenizer, prompt):
+                sets.append((corpus.label, prompt, decoder.load(corpus.path, source)))
+        splits = [split for _, _, split in sets]
+        result = evaluate_sets([(name, prompt, split.dataset) for name, prompt, split in sets], tokenizer, decoder.decode)
     metrics = {
-        **result.metrics, "skipped": len(split.skips), "world_size": state.num_processes,
+        **result.metrics, "skipped": sum(len(split.skips) for split in splits), "world_size": state.num_processes,
         "batch_size": result.batch_size, "backoffs": result.backoffs,
     }
     if result.backoffs and state.is_main_process:

@@ -7,11 +7,13 @@ a 50-utterance set weighs what its reference words weigh, exactly as one set of 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from toolkit.data.corpora import Prompt
 from toolkit.evaluation.generate import EvalResult
+from toolkit.evaluation.normalize import make_normalizer
 from toolkit.evaluation.signals import share
 from toolkit.evaluation.wer import CorpusCounts
 
@@ -64,3 +66,17 @@ def combined_result(sets: Sequence[SetResult]) -> EvalResult:
         combined_metrics(sets), predictions, batch_size=min(s.result.batch_size for s in sets),
         backoffs=[b for s in sets for b in s.result.backoffs], counts=total, repeated=repeated,
     )
+
+
+SetDecoder = Callable[[Any, Prompt, Callable[[str], str]], EvalResult]
+"""Decodes one set: (dataset, its prompt, its normaliser) -> its result."""
+
+
+def evaluate_sets(sets: Sequence[tuple[str, Prompt, Any]], tokenizer: Any, decode: SetDecoder) -> EvalResult:
+    """Decode each ``(name, prompt, dataset)`` set in its language, normalised as its language is
+    (Whisper's English normaliser for English, the basic one otherwise), and combine the results."""
+    results = []
+    for name, prompt, dataset in sets:
+        normalize = make_normalizer(prompt.code == "en", tokenizer)
+        results.append(SetResult(name, prompt.code, decode(dataset, prompt, normalize)))
+    return combined_result(results)

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from toolkit.config import GuardSet, RunConfig
@@ -32,8 +33,7 @@ from toolkit.data.pipeline import LoadedSplit, load_split
 from toolkit.data.sources import Source
 from toolkit.evaluation.generate import EvalResult, GenerationSettings, evaluate_model
 from toolkit.evaluation.longform import LONG_FORM_MAX_SECONDS, LongFormSettings, evaluate_long_form
-from toolkit.evaluation.normalize import make_normalizer
-from toolkit.evaluation.sets import SetResult, combined_result
+from toolkit.evaluation.sets import evaluate_sets
 from toolkit.evaluation.signals import NoSpeechCounts
 
 logger = logging.getLogger(__name__)
@@ -113,17 +113,15 @@ class Evaluator:
 
     def main_result(self, model: Any, short: GenerationSettings) -> EvalResult:
         """A single ``data.eval``'s result, or the sets' combined one (each decoded in its language)."""
-        long_form = self.config.evaluation.long_form
         if len(self.main) == 1 and self.main[0].prompt is None:
-            return self._transcribe(model, self.main[0].split.dataset, long_form, short)
-        results = []
-        for item in self.main:
-            assert item.prompt is not None
-            normalize = make_normalizer(item.prompt.code == "en", self.tokenizer)
-            settings = dataclasses.replace(short, language=item.prompt.language, task=item.prompt.task)
-            result = self._transcribe(model, item.split.dataset, long_form, settings, normalize)
-            results.append(SetResult(item.name, item.prompt.code, result))
-        return combined_result(results)
+            return self._transcribe(model, self.main[0].split.dataset, self.config.evaluation.long_form, short)
+        sets = [(s.name, s.prompt, s.split.dataset) for s in self.main]
+        return evaluate_sets(sets, self.tokenizer, partial(self._decode_set, model, short))  # type: ignore[arg-type]
+
+    def _decode_set(self, model: Any, short: GenerationSettings, dataset: SpeechDataset, prompt: Prompt,
+                    normalize: Callable[[str], str]) -> EvalResult:
+        settings = dataclasses.replace(short, language=prompt.language, task=prompt.task)
+        return self._transcribe(model, dataset, self.config.evaluation.long_form, settings, normalize)
 
     def guard_metrics(self, model: Any, guard: GuardSet, dataset: SpeechDataset,
                       short: GenerationSettings) -> dict[str, Any]:
