@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,25 +29,31 @@ def _config(model: Path, tmp_path: Path, *overrides: str):  # noqa: ANN202
     return load_config(ROOT / "recipes" / "demo.yaml", values)
 
 
-@pytest.mark.parametrize("packing", ["false", "true"])
-def test_each_sample_carries_its_corpus_language(tiny_multilingual_model: Path, tmp_path: Path, packing: str) -> None:
-    run = TrainingRun(_config(tiny_multilingual_model, tmp_path, f"data.packing={packing}"))
-    run.setup()
+def corpus_samples(run: TrainingRun, languages: tuple[str, ...], steps: int = 30) -> Iterator[tuple[int, Any]]:
+    """(corpus, example) for every sample of the first ``steps`` steps of a run on several corpora,
+    checked on the way: a packed window never mixes corpora, and the label's language token (after
+    any previous-text prompt) is its corpus's."""
     tokenizer = run.loaded.processor.tokenizer
-    dataset = run.data.train.dataset
-    assert len(dataset) == 18 and run.data.mix.sizes == [12, 6]
-    lang = {code: tokenizer.convert_tokens_to_ids(f"<|{code}|>") for code in ("en", "fr")}
-    corpus_of = np.repeat([0, 1], [12, 6])
-    seen = [0, 0]
-    for step in range(30):
+    lang = [tokenizer.convert_tokens_to_ids(f"<|{code}|>") for code in languages]
+    corpus_of = np.repeat(np.arange(len(languages)), run.data.mix.sizes)
+    for step in range(steps):
         for item in run.sampler.step_items(step, run.plan):
             rows = item.unit if isinstance(item.unit, tuple) else (item.unit,)
             corpus = int(corpus_of[rows[0]])
             assert all(corpus_of[r] == corpus for r in rows)  # a window never mixes corpora
-            example = dataset[item]
-            prompt = example.prompt_length
-            assert example.labels[prompt + 1] == lang[("en", "fr")[corpus]], example.labels[:6]
-            seen[corpus] += 1
+            example = run.data.train.dataset[item]
+            assert example.labels[example.prompt_length + 1] == lang[corpus], example.labels[:6]
+            yield corpus, example
+
+
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_each_sample_carries_its_corpus_language(tiny_multilingual_model: Path, tmp_path: Path, packing: str) -> None:
+    run = TrainingRun(_config(tiny_multilingual_model, tmp_path, f"data.packing={packing}"))
+    run.setup()
+    assert len(run.data.train.dataset) == 18 and run.data.mix.sizes == [12, 6]
+    seen = [0, 0]
+    for corpus, _ in corpus_samples(run, ("en", "fr")):
+        seen[corpus] += 1
     assert seen[0] > seen[1] > 0
     run.batches = TimedBatches(run.train_loader(0))
     run.step.model.train()
@@ -59,14 +67,18 @@ def test_an_english_only_checkpoint_refuses_a_french_corpus(tiny_model: Path, tm
         TrainingRun(config).setup()
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("{path: a, weight: 0}", r"data.train\[0\] needs a path and a weight > 0"),
-    ("{path: a, language: klingon}", r"data.train\[0\].language: Whisper has no language 'klingon'"),
-    ("{path: a, wieght: 1}", r"unknown key data.train\[0\].wieght \(did you mean data.train\[0\].weight"),
+@pytest.mark.parametrize("override, message", [
+    ("data.train=[{path: a, weight: 0}]", r"data.train\[0\] needs a path and a weight > 0"),
+    ("data.train=[{path: a, language: klingon}]", r"data.train\[0\].language: Whisper has no language 'klingon'"),
+    ("data.train=[{path: a, wieght: 1}]", r"unknown key data.train\[0\].wieght \(did you mean data.train\[0\].weight"),
+    ("data.eval=[]", r"data.eval is an empty list"),
+    ("data.eval=[{path: a/dev}, {path: b/dev}]", r"data.eval: corpus names must differ, got dev, dev; set each entry's name"),
+    ("data.eval=[{path: a, name: 'x y'}]", r"data.eval\[0\].name must be a non-empty name"),
 ])
-def test_corpus_entries_are_checked_on_load(tiny_model: Path, tmp_path: Path, entry: str, message: str) -> None:
+def test_corpus_entries_are_checked_on_load(tiny_model: Path, tmp_path: Path, override: str, message: str) -> None:
+    """Training corpora and eval sets alike; eval set names must differ (they key the metrics)."""
     with pytest.raises(ConfigError, match=message):
-        load_config(ROOT / "recipes" / "demo.yaml", [f"model.name_or_path={tiny_model}", f"data.train=[{entry}]",
+        load_config(ROOT / "recipes" / "demo.yaml", [f"model.name_or_path={tiny_model}", override,
                                                       f"output.dir={tmp_path}"])
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, write_audiofolder
-from toolkit.config import ConfigError, load_config
+from toolkit.config import load_config
 from toolkit.data.sources import DataError
 from toolkit.training.loop import TrainingRun
 
@@ -75,14 +75,3 @@ def test_an_english_only_checkpoint_refuses_a_french_eval_set(tiny_model: Path, 
     config = _config(tiny_model, tmp_path, _two_sets(tmp_path), "model.language=null")
     with pytest.raises(DataError, match=r"data.eval\[1\]: .* is English-only; a corpus in 'fr'"):
         TrainingRun(config).setup()
-
-
-@pytest.mark.parametrize("evals, message", [
-    ("[]", r"data.eval is an empty list"),
-    ("[{path: a/dev}, {path: b/dev}]", r"data.eval: corpus names must differ, got dev, dev; set each entry's name"),
-    ("[{path: a, name: 'x y'}]", r"data.eval\[0\].name must be a non-empty name"),
-])
-def test_eval_sets_are_checked_on_load(tiny_model: Path, tmp_path: Path, evals: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        load_config(ROOT / "recipes" / "demo.yaml", [f"model.name_or_path={tiny_model}", f"data.eval={evals}",
-                                                      f"output.dir={tmp_path}"])

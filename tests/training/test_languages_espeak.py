@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
+from tests.training.test_corpora import corpus_samples
 from toolkit import synth
 from toolkit.config import load_config
 from toolkit.data.loader import TimedBatches
@@ -63,31 +64,20 @@ def test_language_tokens_and_french_transcripts_follow_the_corpus(
     run = TrainingRun(_config(tiny_multilingual_model, corpora, tmp_path / "run", f"data.packing={packing}"))
     run.setup()
     tokenizer = run.loaded.processor.tokenizer
-    dataset = run.data.train.dataset
     assert run.data.mix.sizes == [COUNTS["en"], COUNTS["fr"]]
-    languages = ("en", "fr")
-    lang = {code: tokenizer.convert_tokens_to_ids(f"<|{code}|>") for code in languages}
-    transcripts = {code: _transcripts(corpora[code]) for code in languages}
-    corpus_of = np.repeat([0, 1], run.data.mix.sizes)
+    french = _transcripts(corpora["fr"])
     seen = [0, 0]
     french_single = 0
     french_texts: list[str] = []
-    for step in range(30):
-        for item in run.sampler.step_items(step, run.plan):
-            rows = item.unit if isinstance(item.unit, tuple) else (item.unit,)
-            corpus = int(corpus_of[rows[0]])
-            assert all(corpus_of[r] == corpus for r in rows)  # a window never mixes corpora
-            example = dataset[item]
-            prompt = example.prompt_length
-            assert example.labels[prompt + 1] == lang[languages[corpus]], example.labels[:6]
-            seen[corpus] += 1
-            if corpus == 1:
-                # Timestamp tokens and specials are dropped; a timestamped layout starts with a space.
-                text = tokenizer.decode(example.labels[prompt:], skip_special_tokens=True).strip()
-                expected = " ".join(transcripts["fr"][name] for name in example.id.split("+"))
-                assert text == expected
-                french_texts.append(text)
-                french_single += len(rows) == 1
+    for corpus, example in corpus_samples(run, ("en", "fr")):
+        seen[corpus] += 1
+        if corpus == 1:
+            # Timestamp tokens and specials are dropped; a timestamped layout starts with a space.
+            text = tokenizer.decode(example.labels[example.prompt_length:], skip_special_tokens=True).strip()
+            names = example.id.split("+")
+            assert text == " ".join(french[name] for name in names)
+            french_texts.append(text)
+            french_single += len(names) == 1
     assert seen[0] > seen[1] > 0
     assert french_texts and not "".join(french_texts).isascii()  # accents survived the tokenizer
     if packing == "false":
