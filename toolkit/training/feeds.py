@@ -35,8 +35,13 @@ class StepSamples:
     windows: int
     """30 s encoder windows: the global batch."""
     flops: float
-    ids: list[str] = field(default_factory=list)
-    """The ids of the step's clips that a skipped update lists (this rank's, for a stream)."""
+    units: list[Any] = field(default_factory=list)
+    """The step's units (this rank's, for a stream), for :meth:`ids` when an update is skipped."""
+    dataset: SpeechDataset | None = None
+
+    def ids(self) -> list[str]:
+        """The ids of the step's clips: looked up only when an update is skipped, never per step."""
+        return self.dataset.clip_ids(self.units) if self.dataset is not None else []
 
 
 class IndexedFeed:
@@ -54,7 +59,7 @@ class IndexedFeed:
         return StepSamples(
             sum(tokens for tokens, _ in sizes), len(self.dataset.unit_clips(units)), self.dataset.unit_seconds(units),
             len(units), training_flops(self.model_config, [p for _, p in sizes], bool(self.training.gradient_checkpointing)),
-            self.dataset.clip_ids(units),
+            units, self.dataset,
         )
 
     def loader(self, start: int, plan: BatchPlan, skip_samples: int = 0) -> torch.utils.data.DataLoader:

@@ -239,7 +239,7 @@ class TrainingRun:
         self.backoff_seconds += progress.lost_seconds
         update = self.step.finish(progress)
         if update.skipped is not None:
-            self._skip_step(step, samples.ids, update.skipped)
+            self._skip_step(step, samples.ids(), update.skipped)
         else:
             self.nonfinite_streak = 0
         return StepStats(progress.loss_sum, samples.tokens, samples.clips, samples.seconds, time.perf_counter() - tick,

@@ -93,7 +93,7 @@ class StreamFeed:
         local = torch.tensor([sum(t for t, _ in sizes), n, float(dataset.durations.sum()), float(flops)],
                              dtype=torch.float64)
         tokens, clips, seconds, total_flops = reduce(local.to(self.state.device), reduction="sum").cpu().tolist()
-        return StepSamples(int(tokens), int(clips), seconds, int(clips), total_flops, dataset.clip_ids(list(range(n))))
+        return StepSamples(int(tokens), int(clips), seconds, int(clips), total_flops, list(range(n)), dataset)
 
     def _decoded(self, n: int) -> tuple[SpeechDataset, list[Skip]]:
         """``n`` samples that pass every rule, read from the stream (skipped rows are replaced), and the skips."""
