@@ -419,14 +419,9 @@ def _open_hub(
     spec: str, split: str, hub_config: str | None, text_column: str, audio_column: str | None, missing: str
 ) -> Source:
     import datasets
-    import huggingface_hub.constants
 
     # Offline, load_dataset only looks in the local cache (fast), where a Hub dataset may well be.
-    offline = (
-        huggingface_hub.constants.HF_HUB_OFFLINE
-        or getattr(datasets.config, "HF_HUB_OFFLINE", False)
-        or _env_true("HF_HUB_OFFLINE")
-    )
+    offline = hub_offline()
     if not offline:
         _look_up_on_hub(spec, missing)
     try:
@@ -472,6 +467,15 @@ def _look_up_on_hub(spec: str, missing: str) -> None:
             f"{missing}, and the Hub is unreachable to look up {spec!r} ({_one_line(exc)}); "
             "with a cached copy of a Hub dataset, set HF_HUB_OFFLINE=1"
         ) from None
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE, as huggingface_hub, datasets or the environment set it."""
+    import datasets
+    import huggingface_hub.constants
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE or getattr(datasets.config, "HF_HUB_OFFLINE", False)
+                or _env_true("HF_HUB_OFFLINE"))
 
 
 def _env_true(name: str) -> bool:

@@ -60,6 +60,7 @@ from toolkit.data.sources import (
     _look_up_on_hub,
     _looks_like_path,
     _one_line,
+    hub_offline,
     row_extras,
 )
 
@@ -91,7 +92,7 @@ def open_stream(
             raise DataError(f"{missing}; a streamed data spec is a directory of data files or a Hub dataset id")
         if not _is_hub_id(spec):
             raise DataError(f"{missing}, and {spec!r} is not a valid Hub dataset id either")
-        if not _hub_offline():
+        if not hub_offline():
             _look_up_on_hub(spec, missing)  # fails in seconds where load_dataset would retry for ~30 s
     try:
         dataset = datasets.load_dataset(str(path) if path.is_dir() else spec, hub_config, split=split, streaming=True)
@@ -115,14 +116,6 @@ def open_stream(
         return dataset.cast_column(audio_column, undecoded)
     except Exception as exc:
         raise DataError(f"streamed dataset {where}: cannot read column {audio_column!r} as audio: {_one_line(exc)}") from None
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE, as ``sources._open_hub`` reads it: offline, only the local Hub cache is searched."""
-    import huggingface_hub.constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    return bool(huggingface_hub.constants.HF_HUB_OFFLINE or flag)
 
 
 class RankStream:
